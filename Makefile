@@ -39,7 +39,10 @@ help:
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@test -x $(PY) || { echo "Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@test -x $(PY) || { \
+	    $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	        || { echo "VLM Lab needs Python >= 3.11; run it again with PYTHON=/path/to/python3.11" >&2; exit 1; }; \
+	    echo "Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	$(PIP) install $(TORCH_PINS)
 	$(PIP) install -e '.[notebooks,test]' $(TORCH_PINS)
 	@touch $(STAMP)

@@ -132,3 +132,56 @@ def test_python_dash_m_runs_the_same_cli():
     done = subprocess.run([sys.executable, "-m", "vlm_lab", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert done.stdout.strip().startswith("vlm-lab ")
+
+
+def test_eval_rejects_a_file_that_is_not_safetensors(capsys, tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"\x80\x04 this is a pickle, not safetensors")
+    (tmp_path / "tokenizer").mkdir()
+    code, _, err = run_cli(capsys, "eval", "clip", "--checkpoint", str(bogus))
+    assert code == 2
+    assert "--checkpoint" in err
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+
+def test_recipe_train_config_uses_preset_defaults_and_cli_overrides(tmp_path):
+    from vlm_lab.train.recipes import get_recipe
+
+    recipe = get_recipe("clip")
+    config = recipe.train_config("toy", out_dir=tmp_path, steps=7, batch_size=None, seed=3, resume=False)
+    assert config.steps == 7 and config.seed == 3 and config.out_dir == tmp_path
+    assert config.batch_size == recipe.train_defaults["toy"]["batch_size"]  # None means "the preset's"
+    assert config.warmup_steps <= config.steps  # shortened runs shorten warmup instead of failing
+    with pytest.raises(ValueError, match="preset"):
+        recipe.train_config("paper")
+    with pytest.raises(KeyError, match="expected one of clip"):
+        get_recipe("clipp")
+
+
+# ------------------------------------------------------------------------------------------- train / eval e2e
+
+
+@pytest.mark.slow
+def test_train_then_eval_round_trip_and_resume(capsys, tmp_path):
+    out = tmp_path / "clip-toy"
+    code, stdout, err = run_cli(capsys, "train", "clip", "--preset", "toy", "--out", str(out),
+                                "--steps", "2", "--batch-size", "8", "--seed", "1")
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer").is_dir()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= saved["zero_shot_top1_heldout"] <= 1.0
+    assert "zero_shot_top1_heldout" in stdout and "vlm-lab eval clip --checkpoint" in stdout
+
+    code, stdout, err = run_cli(capsys, "eval", "clip", "--checkpoint", str(out / "model.safetensors"), "--json")
+    assert code == 0, err
+    reloaded = json.loads(stdout)
+    assert reloaded.keys() == saved.keys()
+    for key, value in saved.items():  # same weights, same tokenizer, same eval set -> same numbers
+        assert reloaded[key] == pytest.approx(value, abs=1e-6), key
+
+    code, _, err = run_cli(capsys, "train", "clip", "--out", str(out), "--steps", "3", "--batch-size", "8",
+                           "--seed", "1", "--resume")
+    assert code == 0, err
+    assert any(p.name.startswith("step_") and "3" in p.name for p in out.iterdir())

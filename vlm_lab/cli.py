@@ -17,7 +17,6 @@ missing checkpoint), as argparse does. This is the one module of the package tha
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import json
 import os
@@ -252,21 +251,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, dataset, collate_fn, tokenizer = recipe.build(args.preset, seed=args.seed)
+    try:
+        config = recipe.train_config(
+            args.preset,
+            out_dir=out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            resume=args.resume,
+            collate_fn=collate_fn,
+        )
+    except ValueError as err:  # TrainConfig names the offending field
+        raise UsageError(str(err)) from None
     tokenizer.save_pretrained(str(out / "tokenizer"))  # before training, so a resumed run finds it too
-    config = recipe.train_config(
-        args.preset,
-        out_dir=out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        resume=args.resume,
-        collate_fn=collate_fn,
-    )
     print(f"VLM Lab: training {args.model} ({args.preset}) -> {out}", flush=True)
     fit(model, dataset, config)
     checkpoint = out / "model.safetensors"
     save_checkpoint(checkpoint, model, state={"model": args.model, "preset": args.preset, "seed": args.seed})
-    metrics = recipe.evaluate(model, tokenizer)
+    metrics = recipe.evaluate(model, tokenizer, args.preset)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _print_metrics(metrics)
     print(f"VLM Lab: saved {checkpoint} and {out / 'tokenizer'}; evaluate again with:")
@@ -275,7 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    recipe = _recipe(args.model)
+    recipe = _recipe(args.model, args.preset)
     checkpoint = Path(args.checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / "model.safetensors"
@@ -288,10 +290,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlm_lab.data.tokenizers import load_tokenizer
     from vlm_lab.train.checkpoint import load_model
 
-    model = load_model(checkpoint)
+    try:
+        model = load_model(checkpoint)
+    except ValueError as err:  # CheckpointError: not safetensors, corrupt, or not a registry model
+        raise UsageError(f"--checkpoint: {err}") from None
     model.eval()
     tokenizer = load_tokenizer(tokenizer_dir)
-    metrics = recipe.evaluate(model, tokenizer)
+    metrics = recipe.evaluate(model, tokenizer, args.preset)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -331,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained checkpoint")
     p.add_argument("model", help="registry name, e.g. clip")
     p.add_argument("--checkpoint", required=True, help="model.safetensors written by `vlm-lab train` (or its folder)")
+    p.add_argument("--preset", default="toy", help="preset whose evaluation set to use (default: toy)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: tokenizer/ next to the checkpoint)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)

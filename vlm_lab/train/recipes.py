@@ -7,30 +7,29 @@ evaluation, per preset. It lives in `train/` because it uses both `models` and `
     model, train_set, collate_fn, tokenizer = recipe.build("toy", seed=0)
     config = recipe.train_config("toy", out_dir="runs/clip-toy", collate_fn=collate_fn)
     fit(model, train_set, config)
-    recipe.evaluate(model, tokenizer)      # {"zero_shot_top1_heldout": ...}
+    recipe.evaluate(model, tokenizer)      # {"zero_shot_top1_heldout": ..., ...}
 
-Presets in this release: `clip/toy` (the shapes world, a locally trained WordPiece tokenizer, `CLIPConfig.toy()`,
-evaluated by zero-shot accuracy on the colour-shape compositions held out from training).
+Presets in this release: `clip/toy` — the shapes world at 32 px, the shapes-world WordPiece tokenizer, the registry's
+`CLIPConfig.toy()` with the tokenizer's vocabulary size and [SEP] as end-of-text, evaluated by zero-shot top-1
+accuracy on single-shape scenes of the colour-shape compositions held out from training (CLIP paper, section 3.1.2).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["Recipe", "RECIPES", "get_recipe"]
+__all__ = ["Recipe", "RECIPES", "get_recipe", "CLIP_TEMPLATES"]
 
 
 @dataclass
 class Recipe:
     """How to build, train and evaluate one model from the command line."""
 
-    name: str                                   # registry name, e.g. "clip"
-    presets: tuple[str, ...]                    # presets the recipe supports in this release
-    build_fn: Callable[..., tuple]              # (preset, **overrides) -> (model, train_set, collate_fn, tokenizer)
-    evaluate_fn: Callable[..., dict[str, float]]  # (model, tokenizer) -> metric name -> value
+    name: str                                     # registry name, e.g. "clip"
+    presets: tuple[str, ...]                      # presets the recipe supports in this release
+    build_fn: Callable[..., tuple]                # (preset, *, seed) -> (model, train_set, collate_fn, tokenizer)
+    evaluate_fn: Callable[..., dict[str, float]]  # (model, tokenizer, preset) -> metric name -> value
     train_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # preset -> TrainConfig field values
 
     def _check_preset(self, preset: str) -> None:
@@ -38,92 +37,90 @@ class Recipe:
             raise ValueError(f"preset: {self.name} has no preset {preset!r}; expected one of {self.presets}")
 
     def build(self, preset: str = "toy", **overrides: Any) -> tuple:
-        """Return `(model, train_dataset, collate_fn, tokenizer)` for `preset`."""
+        """Return `(model, train_dataset, collate_fn, tokenizer)` for `preset` (overrides: `seed`)."""
         self._check_preset(preset)
         return self.build_fn(preset, **overrides)
 
     def train_config(self, preset: str = "toy", **overrides: Any):
-        """A `vlm_lab.train.TrainConfig` with the preset's defaults; `None` overrides are ignored.
-
-        Override names are the CLI's (`steps`, `batch_size`, `seed`, `out_dir`, `resume`, `collate_fn`); each is
-        mapped onto the first matching `TrainConfig` field among a few usual spellings.
-        """
-        from vlm_lab.train import TrainConfig
+        """A `vlm_lab.train.TrainConfig` with the preset's defaults, then `overrides` (those set to None are ignored)."""
+        from vlm_lab.train.config import TrainConfig
 
         self._check_preset(preset)
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        values: dict[str, Any] = {}
-        requested = {**self.train_defaults.get(preset, {}), **{k: v for k, v in overrides.items() if v is not None}}
-        for key, value in requested.items():
-            target = next((n for n in _FIELD_ALIASES.get(key, (key,)) if n in names), None)
-            if target is None:
-                if key == "resume" and not value:
-                    continue  # nothing asked for
-                raise ValueError(f"{key}: vlm_lab.train.TrainConfig has no field for it (fields: {sorted(names)})")
-            if key == "resume" and value and target != "resume":
-                value = _latest_checkpoint(Path(requested["out_dir"]))  # a path field: point it at the last one
-            values[target] = value
+        values = {**self.train_defaults.get(preset, {}), **{k: v for k, v in overrides.items() if v is not None}}
+        steps, warmup = values.get("steps"), values.get("warmup_steps", 0)
+        if steps is not None and "warmup_steps" not in overrides and isinstance(steps, int) and warmup > steps:
+            values["warmup_steps"] = steps // 10  # a shortened run keeps the preset's warmup fraction (10 %)
         return TrainConfig(**values)
 
-    def evaluate(self, model, tokenizer) -> dict[str, float]:
-        """Metrics of `model` (in eval mode, no gradients) on the recipe's evaluation set."""
+    def evaluate(self, model, tokenizer, preset: str = "toy") -> dict[str, float]:
+        """Metrics of `model` on the recipe's evaluation set (eval mode, no gradients; the mode is restored)."""
         import torch
 
+        self._check_preset(preset)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                return self.evaluate_fn(model, tokenizer)
+                return self.evaluate_fn(model, tokenizer, preset)
         finally:
             model.train(was_training)
 
 
-# CLI override name -> TrainConfig field names to try, in order.
-_FIELD_ALIASES: dict[str, tuple[str, ...]] = {
-    "steps": ("steps", "max_steps", "total_steps", "num_steps"),
-    "batch_size": ("batch_size", "micro_batch_size"),
-    "seed": ("seed",),
-    "out_dir": ("out_dir", "output_dir", "checkpoint_dir", "save_dir"),
-    "resume": ("resume", "resume_from", "resume_from_checkpoint"),
-    "collate_fn": ("collate_fn", "collate"),
-    "lr": ("lr", "learning_rate"),
-    "warmup_steps": ("warmup_steps", "warmup"),
+# --------------------------------------------------------------------------------------------------------- CLIP
+
+# Zero-shot prompts for the shapes world; "{}" is a class name such as "red circle". Written like the training
+# captions ("a small red circle", "there is a red circle"), the way CLIP's prompts mimic alt-text.
+CLIP_TEMPLATES = ("a {}", "a picture of a {}", "there is a {}")
+
+_CLIP_TOY = {
+    "n_train": 8192,         # training scenes (fit cycles over them; item i is generated from (seed, split, i))
+    "n_eval": 512,           # held-out single-shape scenes scored zero-shot
+    "eval_seed": 10_000,     # eval scenes differ from any training scene by seed and split
 }
 
 
-def _latest_checkpoint(out_dir: Path) -> Path:
-    candidates = sorted(out_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise ValueError(f"resume: no .safetensors checkpoint in {out_dir}")
-    return candidates[-1]
-
-
-# --------------------------------------------------------------------------------------------------------- CLIP
-
-# Zero-shot prompt templates for the shapes world (the CLIP chapter compares these with bare labels).
-CLIP_TEMPLATES = ("a {}.", "a picture of a {}.", "an image with a {}.")
-
-
-def _clip_build(preset: str, *, seed: int = 0, **_: Any) -> tuple:
+def _clip_build(preset: str, *, seed: int = 0) -> tuple:
     from vlm_lab.data.collate import ImageTextCollator
     from vlm_lab.data.shapes import ShapesDataset
     from vlm_lab.data.tokenizers import shapes_tokenizer
-    from vlm_lab.models.clip import CLIP, CLIPConfig
+    from vlm_lab.models.registry import build_model
 
-    train_set = ShapesDataset(split="train", seed=seed)
-    tokenizer = shapes_tokenizer()
-    config = dataclasses.replace(CLIPConfig.toy(), vocab_size=len(tokenizer))
-    model = CLIP(config)
-    collate_fn = ImageTextCollator(tokenizer, max_length=config.context_length)
+    from vlm_lab.models.clip import CLIPConfig
+
+    context_length = CLIPConfig.toy().context_length
+    tokenizer = shapes_tokenizer(model_max_length=context_length)
+    eot = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    model = build_model("clip", preset, vocab_size=len(tokenizer), eot_token_id=eot)
+    train_set = ShapesDataset("train", n=_CLIP_TOY["n_train"], seed=seed, image_size=model.config.image_size)
+    collate_fn = ImageTextCollator(tokenizer, max_length=model.config.context_length)
     return model, train_set, collate_fn, tokenizer
 
 
-def _clip_evaluate(model, tokenizer) -> dict[str, float]:
-    from vlm_lab.data.shapes import ShapesDataset
-    from vlm_lab.eval.zero_shot import zero_shot_accuracy
+def _clip_evaluate(model, tokenizer, preset: str) -> dict[str, float]:
+    """Zero-shot top-1 on held-out compositions: among the held-out classes, and among every class of the world."""
+    import torch
 
-    heldout = ShapesDataset(split="heldout", seed=12345)
-    return {"zero_shot_top1_heldout": float(zero_shot_accuracy(model, tokenizer, heldout, templates=CLIP_TEMPLATES))}
+    from vlm_lab.data.shapes import ShapesDataset, class_names
+    from vlm_lab.eval.zero_shot import zero_shot_classifier
+
+    heldout = ShapesDataset("heldout", n=_CLIP_TOY["n_eval"], seed=_CLIP_TOY["eval_seed"],
+                            image_size=model.config.image_size)
+    device = next(model.parameters()).device
+    items = [heldout[i] for i in range(len(heldout))]  # renders each scene once
+    labels = torch.tensor([item["labels"] for item in items])  # (N,) index into heldout.class_names
+    pixels = torch.stack([item["pixel_values"] for item in items])  # (N, 3, H, W)
+    image_embeds = torch.cat([model.encode_image(chunk.to(device)).float().cpu()
+                              for chunk in pixels.split(128)])  # (N, D), L2-normalised
+
+    metrics: dict[str, float] = {}
+    all_names = class_names("all")
+    for key, names in (("zero_shot_top1_heldout", list(heldout.class_names)), ("zero_shot_top1_heldout_among_all", all_names)):
+        weights = zero_shot_classifier(model, tokenizer, names, CLIP_TEMPLATES).float().cpu()  # (C, D)
+        target = torch.tensor([names.index(heldout.class_names[int(y)]) for y in labels])  # (N,)
+        predicted = (image_embeds @ weights.T).argmax(dim=-1)  # (N,)
+        metrics[key] = float((predicted == target).float().mean())
+    metrics["chance_heldout"] = 1.0 / len(heldout.class_names)
+    return metrics
 
 
 RECIPES: dict[str, Recipe] = {
@@ -132,7 +129,8 @@ RECIPES: dict[str, Recipe] = {
         presets=("toy",),
         build_fn=_clip_build,
         evaluate_fn=_clip_evaluate,
-        train_defaults={"toy": {"steps": 300, "batch_size": 64, "lr": 1e-3}},
+        train_defaults={"toy": {"steps": 300, "batch_size": 64, "lr": 1e-3, "warmup_steps": 30,
+                                "checkpoint_every": 100, "precision": "fp32"}},
     ),
 }
 
