@@ -246,7 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vlm_lab.train import fit
+    from vlm_lab.train import PrintLogger, fit
     from vlm_lab.train.checkpoint import save_checkpoint
 
     torch.manual_seed(args.seed)
@@ -260,12 +260,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             resume=args.resume,
             collate_fn=collate_fn,
+            progress=False,  # PrintLogger's lines instead of a progress bar in a terminal
         )
     except ValueError as err:  # TrainConfig names the offending field
         raise UsageError(str(err)) from None
     tokenizer.save_pretrained(str(out / "tokenizer"))  # before training, so a resumed run finds it too
     print(f"VLM Lab: training {args.model} ({args.preset}) -> {out}", flush=True)
-    fit(model, dataset, config)
+    result = fit(model, dataset, config, callbacks=[PrintLogger()])
+    print(f"VLM Lab: {result.step} steps, final loss {result.final_loss:.4f}, {result.elapsed:.1f} s", flush=True)
     checkpoint = out / "model.safetensors"
     save_checkpoint(checkpoint, model, state={"model": args.model, "preset": args.preset, "seed": args.seed})
     metrics = recipe.evaluate(model, tokenizer, args.preset)
