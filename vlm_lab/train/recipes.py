@@ -83,9 +83,8 @@ def _clip_build(preset: str, *, seed: int = 0) -> tuple:
     from vlm_lab.data.collate import ImageTextCollator
     from vlm_lab.data.shapes import ShapesDataset
     from vlm_lab.data.tokenizers import shapes_tokenizer
-    from vlm_lab.models.registry import build_model
-
     from vlm_lab.models.clip import CLIPConfig
+    from vlm_lab.models.registry import build_model
 
     context_length = CLIPConfig.toy().context_length
     tokenizer = shapes_tokenizer(model_max_length=context_length)
