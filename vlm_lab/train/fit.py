@@ -58,7 +58,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -398,7 +398,7 @@ class _Stream:
                 raise TypeError("data: expected a map-style torch Dataset (with collate_fn in the config) or an "
                                 f"iterable of batch dicts such as a DataLoader, got {type(data).__name__}")
             self.loader = data
-            self.one_shot = iter(data) is data
+            self.one_shot = isinstance(data, Iterator)  # a generator / iterator cannot be restarted
             try:
                 self.per_epoch = len(data)
             except TypeError:
