@@ -44,6 +44,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
+from torch.utils.data import Dataset
 
 __all__ = [
     "CLASSES", "CLASS_NAMES", "CLASS_SYNONYMS", "TRAIN_SYNONYMS", "UNSEEN_SYNONYMS", "PROMPT_TEMPLATES",
@@ -300,7 +301,10 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, feature_px: float) -
     f = max(float(feature_px), 1.0)
     gh, gw = int(math.ceil(h / f)) + 3, int(math.ceil(w / f)) + 3
     coarse = rng.standard_normal((gh, gw))
-    up = ndimage.zoom(coarse, f, order=3, prefilter=False)[:h, :w]
+    if f >= 8:  # cubic to a quarter resolution, then bilinear: smooth curves at ~1/10 of the cost
+        up = ndimage.zoom(ndimage.zoom(coarse, f / 4, order=3, prefilter=False), 4, order=1)[:h, :w]
+    else:
+        up = ndimage.zoom(coarse, f, order=3, prefilter=False)[:h, :w]
     if up.shape != (h, w):  # zoom rounds; pad by edge values if a pixel short
         up = np.pad(up, ((0, h - up.shape[0]), (0, w - up.shape[1])), mode="edge")
     up = up - up.mean()
@@ -620,7 +624,7 @@ def _tile_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-class PathologyTiles:
+class PathologyTiles(Dataset):
     """Map-style dataset of synthetic H&E tiles, exactly class-balanced (item ``i`` has class ``i % 9``).
 
     Items are dicts: ``pixel_values`` float32 (3, size, size) normalised with ``vlm_lab.data.transforms``
