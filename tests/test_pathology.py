@@ -264,6 +264,9 @@ def test_panel_curation_steps_and_accuracy():
     panels = [P.make_panel(i, tile_px=48) for i in range(16)]
     for p in panels:
         assert [s for _, s in P.split_caption(p.caption)] == p.subcaptions
+        det = P.detect_subimages(p.image)
+        if len(det) == len(p.boxes):  # detected in reading order = letter order
+            assert all(P._iou(d, g) > 0.5 for d, g in zip(det, p.boxes)), (det, p.boxes)
         assert "BACK" not in p.labels
     sim = P.PrototypeSimilarity(size=48, n_per_class=6)
     res = P.evaluate_curation(panels, similarity=sim)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
+from torch.utils.data import Dataset
 
 __all__ = [
     "LoadIssue", "LoadReport", "DataError", "ImageTextDataset", "from_csv", "from_jsonl", "from_folder",
@@ -128,7 +129,7 @@ def _check_image(path: Path, decode: bool) -> LoadIssue | None:
     return None
 
 
-class ImageTextDataset:
+class ImageTextDataset(Dataset):
     """Map-style dataset of (image file, captions, optional label) records, checked at construction.
 
     Args:
@@ -317,7 +318,7 @@ def from_folder(root: str | Path, *, template: str = "an H&E image of {}.",
     return ds
 
 
-class NpzImageText:
+class NpzImageText(Dataset):
     """MedMNIST-format ``.npz`` as an image-text dataset (PathMNIST by default).
 
     Args:

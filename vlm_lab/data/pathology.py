@@ -1213,8 +1213,15 @@ def detect_subimages(image: np.ndarray, white: int = 235, min_side: int = 12) ->
         y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
         if min(y1 - y0, x1 - x0) >= min_side:
             boxes.append((x0, y0, x1, y1))
-    rowh = max((b[3] - b[1] for b in boxes), default=1)
-    return sorted(boxes, key=lambda b: (round(b[1] / rowh), b[0]))
+    # reading order: a box starts a new row when its centre lies below the current row's first box
+    boxes.sort(key=lambda b: (b[1] + b[3]) / 2)
+    rows: list[list[tuple[int, int, int, int]]] = []
+    for b in boxes:
+        if rows and (b[1] + b[3]) / 2 < rows[-1][0][3]:
+            rows[-1].append(b)
+        else:
+            rows.append([b])
+    return [b for row in rows for b in sorted(row, key=lambda z: z[0])]
 
 
 def split_caption(caption: str) -> list[tuple[str, str]]:
