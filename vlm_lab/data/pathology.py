@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -638,7 +638,8 @@ class PathologyTiles(Dataset):
         stain_variation: stain / scanner variation in [0, 1].
         synonyms: which synonyms captions draw from ("train" keeps UNSEEN_SYNONYMS out of every caption).
         classes: subset of class codes to draw (default all nine).
-        caption_variants: >1 draws a different phrasing per epoch-free index (``i // n_classes % variants``).
+        caption_variants: number of phrasings to cycle through; tile ``i`` uses variant
+            ``(i // n_classes) % caption_variants`` (1 = the same phrasing style for every tile seed).
         cache: keep rendered items in memory (tiles are cheap; caching pays off for many epochs).
     """
 
@@ -770,7 +771,7 @@ def make_slide(seed: int, height: int = 256, width: int = 384, tile_px: int = 96
         at = sample_attributes(lab, int(rng.integers(2**31)), 224, stain_variation)
         if stain is None:
             stain = at.stain  # one slide, one staining run and scanner
-        at = TileAttributes(**{**at.__dict__, "stain": stain})
+        at = replace(at, stain=stain)
         mask = rmap == rid
         if not mask.any():
             continue
