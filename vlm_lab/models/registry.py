@@ -11,10 +11,12 @@ from typing import Any
 
 from torch import nn
 
+from .blip2 import BLIP2, BLIP2Config
 from .clip import CLIP, CLIPConfig
 
 # name -> (model class, config class). Later chapters add their models here.
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
+    "blip2": (BLIP2, BLIP2Config),
     "clip": (CLIP, CLIPConfig),
 }
 
