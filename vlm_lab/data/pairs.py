@@ -350,7 +350,8 @@ class NpzImageText(Dataset):
             images, labels = data[ik], data[lk]
         except Exception as exc:
             raise ValueError(f"path: {str(path)!r}: arrays {ik!r} / {lk!r} could not be read ({exc})") from exc
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        bad_channels = images.ndim == 4 and images.shape[-1] not in (1, 3)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or bad_channels:
             raise ValueError(f"{ik}: expected uint8 (n, h, w) or (n, h, w, 3), got {images.dtype} {images.shape}")
         labels = labels.reshape(len(labels), -1)
         if len(labels) != len(images) or labels.shape[1] != 1:

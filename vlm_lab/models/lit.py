@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import clip_loss
-from ..nn import ViT, ViTConfig, mean_pool
+from ..nn import ViT, ViTConfig
 from .clip import CLIPOutput
 from .text import MiniLMTextConfig, MiniLMTextTower
 

@@ -96,7 +96,8 @@ class MiniLMTextTower(nn.Module):
             self.backbone.eval()  # a locked tower never runs dropout
         return self
 
-    def tokenize(self, texts: Sequence[str], max_length: int | None = None, truncation: bool = False) -> dict[str, Tensor]:
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None,
+                 truncation: bool = False) -> dict[str, Tensor]:
         """Right-padded ``input_ids`` / ``attention_mask`` (int64 (b, n)); raises on over-long or empty texts
         unless ``truncation=True``."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
