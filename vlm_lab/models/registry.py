@@ -11,11 +11,15 @@ from typing import Any
 
 from torch import nn
 
+from .albef import ALBEF, ALBEFConfig
+from .blip import BLIP, BLIPConfig
 from .blip2 import BLIP2, BLIP2Config
 from .clip import CLIP, CLIPConfig
 
 # name -> (model class, config class). Later chapters add their models here.
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
+    "albef": (ALBEF, ALBEFConfig),
+    "blip": (BLIP, BLIPConfig),
     "blip2": (BLIP2, BLIP2Config),
     "clip": (CLIP, CLIPConfig),
 }
