@@ -1,9 +1,9 @@
 """Data worlds: how fast the synthetic H&E world renders, how learnable it is, how well its curation and
 narrative steps work, and what a pretrained text tower buys for zero-shot on unseen synonyms.
 
-    python benchmarks/data_worlds.py                  # everything, ~5-10 minutes on two CPU cores
+    python benchmarks/data_worlds.py                  # everything; the LiT part dominates (tens of minutes on a busy 2-core CPU)
     python benchmarks/data_worlds.py --skip-lit       # speed, probe, curation and clustering only (~1 minute)
-    python benchmarks/data_worlds.py --steps 600      # longer LiT / CLIP training
+    python benchmarks/data_worlds.py --lit-only --steps 300 --n-train 1800 --log-every 50   # LiT part only
 
 Prints tables; asserts nothing (tests do that).
 
@@ -76,13 +76,15 @@ def table(title: str, rows: list[tuple]) -> None:
         print("  " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r))
 
 
-def lit_vs_scratch(steps: int, n_train: int, n_test: int, seed: int = 0) -> list[tuple]:
+def lit_vs_scratch(steps: int, n_train: int, n_test: int, seed: int = 0, log_every: int = 0) -> list[tuple]:
     from vlm_lab.data.collate import ImageTextCollator
     from vlm_lab.data.tokenizers import train_wordpiece
     from vlm_lab.eval.zero_shot import zero_shot_classifier
     from vlm_lab.models.clip import CLIP, CLIPConfig
     from vlm_lab.models.lit import LiT, LiTConfig
-    from vlm_lab.train import TrainConfig, fit
+    from vlm_lab.train import PrintLogger, TrainConfig, fit
+
+    cbs = [PrintLogger(every=log_every)] if log_every else []
 
     train = P.PathologyTiles(n_train, size=32, seed=seed, caption_variants=3, cache=True)
     t0 = time.perf_counter()
@@ -109,7 +111,8 @@ def lit_vs_scratch(steps: int, n_train: int, n_test: int, seed: int = 0) -> list
     collate = ImageTextCollator(lit.tokenizer, max_length=lit.config.text_max_length)
     t0 = time.perf_counter()
     res = fit(lit, train, TrainConfig(steps=steps, batch_size=64, lr=1e-3, warmup_steps=steps // 10,
-                                      collate_fn=collate, progress=False, precision="fp32", seed=seed))
+                                      collate_fn=collate, progress=False, precision="fp32", seed=seed),
+              callbacks=cbs)
     zs = zero_shot(lit, lit.tokenizer)
     n_tr = sum(p.numel() for p in lit.parameters() if p.requires_grad)
     rows.append(("LiT (locked MiniLM)", f"{n_tr / 1e6:.2f}M trainable", res.final_loss, zs["train synonyms"],
@@ -121,7 +124,8 @@ def lit_vs_scratch(steps: int, n_train: int, n_test: int, seed: int = 0) -> list
     collate = ImageTextCollator(tok, max_length=64)
     t0 = time.perf_counter()
     res = fit(clip, train, TrainConfig(steps=steps, batch_size=64, lr=1e-3, warmup_steps=steps // 10,
-                                       collate_fn=collate, progress=False, precision="fp32", seed=seed))
+                                       collate_fn=collate, progress=False, precision="fp32", seed=seed),
+              callbacks=cbs)
     zs = zero_shot(clip, tok)
     n_tr = sum(p.numel() for p in clip.parameters() if p.requires_grad)
     rows.append(("CLIP text tower from scratch", f"{n_tr / 1e6:.2f}M trainable", res.final_loss,
@@ -133,12 +137,16 @@ def lit_vs_scratch(steps: int, n_train: int, n_test: int, seed: int = 0) -> list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-lit", action="store_true", help="skip the LiT vs from-scratch training")
+    ap.add_argument("--lit-only", action="store_true", help="only the LiT vs from-scratch training")
+    ap.add_argument("--log-every", type=int, default=0, help="print the training loss every N steps (0: never)")
     ap.add_argument("--steps", type=int, default=400, help="training steps for each of LiT and CLIP")
     ap.add_argument("--n-train", type=int, default=2700, help="training tiles for LiT / CLIP")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    if args.lit_only:
+        return lit_table(args)
     table("Tile rendering (tiles/s, one process)", [("size", "tiles/s")] +
           [(f"{s} px", tiles_per_second(s)) for s in (64, 224)])
 
@@ -172,10 +180,14 @@ def main() -> None:
                                                   sum(q.kind == "reasoning" for q in qa))])
 
     if not args.skip_lit:
-        rows = lit_vs_scratch(args.steps, args.n_train, 900)
-        table(f"Zero-shot top-1 on 900 held-out 32 px tiles after {args.steps} steps x 64 (prompt ensembles: "
-              f"synonyms x {len(P.PROMPT_TEMPLATES)} templates)",
-              [("model", "params", "final loss", "train synonyms", "unseen synonyms", "time")] + rows)
+        lit_table(args)
+
+
+def lit_table(args) -> None:
+    rows = lit_vs_scratch(args.steps, args.n_train, 900, log_every=args.log_every)
+    table(f"Zero-shot top-1 on 900 held-out 32 px tiles after {args.steps} steps x 64 (prompt ensembles: "
+          f"synonyms x {len(P.PROMPT_TEMPLATES)} templates)",
+          [("model", "params", "final loss", "train synonyms", "unseen synonyms", "time")] + rows)
 
 
 if __name__ == "__main__":
