@@ -23,6 +23,7 @@ __all__ = [
     "denormalize",
     "to_uint8",
     "check_image_tensor",
+    "resize_center_crop_pad",
 ]
 
 #: CLIP's per-channel RGB mean of images scaled to [0, 1].
@@ -116,3 +117,34 @@ def check_image_tensor(
             raise ValueError(f"{name}: expected spatial size (H, W) = ({eh}, {ew}), got ({h}, {w})")
     if pixel_values.numel() and not bool(torch.isfinite(pixel_values).all()):
         raise ValueError(f"{name}: contains NaN or Inf values")
+
+
+def resize_center_crop_pad(img, size: int = 448) -> np.ndarray:
+    """CONCH's pre-training image preparation (Lu et al., 2024, Methods): uint8 ``(h, w, 3)`` -> ``(size, size, 3)``.
+
+    An image whose shorter side exceeds ``size`` is resized (bicubic) so that side equals ``size``, then
+    centre-cropped; a side shorter than ``size`` is zero-padded (black, centred) instead of being upsampled.
+    Mixed cases (one side short, one long) crop the long side and pad the short one. Pass the result to
+    :func:`to_tensor`. (Padding centred is our choice; the paper says only "zero-padded as needed".)
+    """
+    if not isinstance(img, np.ndarray):
+        img = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"img: expected a uint8 array (H, W, 3), got {img.dtype} {tuple(img.shape)}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size: expected a positive int, got {size!r}")
+    h, w = img.shape[:2]
+    if min(h, w) > size:
+        from PIL import Image
+
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))  # PIL takes (width, height)
+        h, w = nh, nw
+    y0, x0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    img = img[y0:y0 + size, x0:x0 + size]  # centre crop of any side longer than size
+    out = np.zeros((size, size, 3), np.uint8)
+    ch, cw = img.shape[:2]
+    py, px = (size - ch) // 2, (size - cw) // 2
+    out[py:py + ch, px:px + cw] = img  # zero padding around any side shorter than size
+    return out

@@ -15,6 +15,7 @@ from .albef import ALBEF, ALBEFConfig
 from .blip import BLIP, BLIPConfig
 from .blip2 import BLIP2, BLIP2Config
 from .clip import CLIP, CLIPConfig
+from .coca import CoCa, CoCaConfig
 
 # name -> (model class, config class). Later chapters add their models here.
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
@@ -22,6 +23,7 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "blip": (BLIP, BLIPConfig),
     "blip2": (BLIP2, BLIP2Config),
     "clip": (CLIP, CLIPConfig),
+    "coca": (CoCa, CoCaConfig),
 }
 
 PRESETS = ("toy", "small", "paper")
