@@ -16,6 +16,8 @@ from .blip import BLIP, BLIPConfig
 from .blip2 import BLIP2, BLIP2Config
 from .clip import CLIP, CLIPConfig
 from .coca import CoCa, CoCaConfig
+from .vilt import ViLT, ViLTConfig
+from .vlmo import VLMo, VLMoConfig
 
 # name -> (model class, config class). Later chapters add their models here.
 MODELS: dict[str, tuple[type[nn.Module], type]] = {
@@ -24,6 +26,8 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "blip2": (BLIP2, BLIP2Config),
     "clip": (CLIP, CLIPConfig),
     "coca": (CoCa, CoCaConfig),
+    "vilt": (ViLT, ViLTConfig),
+    "vlmo": (VLMo, VLMoConfig),
 }
 
 PRESETS = ("toy", "small", "paper")

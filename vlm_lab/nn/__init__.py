@@ -3,6 +3,7 @@
 from .adapters import Adapter, LinearProjector, MLPProjector
 from .attention import Attention, build_attention_mask
 from .blocks import MLP, Encoder, LayerScale, TransformerBlock, get_activation, quick_gelu
+from .experts import MoMEBlock
 from .embed import ModalityTypeEmbedding, PatchEmbed, TokenEmbedding, check_pixel_values, check_token_ids
 from .pooling import AttentionPooler, cls_pool, eot_pool, eot_positions, mean_pool
 from .vision import TimmBackbone, ViT, ViTConfig
@@ -13,3 +14,4 @@ __all__ = [
     "build_attention_mask", "check_pixel_values", "check_token_ids", "cls_pool", "eot_pool", "eot_positions",
     "get_activation", "mean_pool", "quick_gelu",
 ]
+__all__ += ["MoMEBlock"]
