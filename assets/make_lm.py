@@ -6,8 +6,10 @@
    scenes (``split="all"``), so word order and relations follow the world's real distribution.
 2. Tokenizer: byte-level BPE, vocabulary 384 (``vlm_lab.data.tokenizers.train_bpe``; ``<pad>=0 <s>=1 </s>=2
    <unk>=3 <image>=4``).
-3. Model: ``CausalLMConfig.toy()`` (OPT architecture, width 96, 3 layers), AdamW, next-token loss on
-   ``<s> caption </s>`` with padding masked (-100), fixed seed.
+3. Model: ``CausalLMConfig.toy()`` (OPT architecture, width 96, 3 layers), AdamW, next-token loss with padding
+   masked (-100), fixed seed. Each training sequence packs 1-3 captions ``<s> c1 </s><s> c2 </s>...`` (as LLM
+   pre-training packs documents), so the model predicts captions at any position -- BLIP-2 later puts a visual
+   prefix in front of the caption.
 4. Writes ``model.safetensors``, ``card.json`` (config, data, steps, final loss, held-out perplexity) and
    ``tokenizer/`` with ``vlm_lab.models.lm.save_lm``.
 """
@@ -35,7 +37,7 @@ def corpus(n_scenes: int, seed: int, split: str = "all") -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", help="folder to write (e.g. assets/lm-toy)")
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -55,15 +57,28 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
 
-    def loss_of(batch_texts: list[str]) -> torch.Tensor:
-        enc = tokenize_captions(tokenizer, batch_texts, max_length=32)
+    def loss_of(batch_texts: list[str], pack: bool = False) -> torch.Tensor:
+        if pack:  # 1-3 captions per sequence, concatenated
+            seqs = []
+            for t in batch_texts:
+                group = [t] + random.sample(texts, random.choice([0, 1, 2]))
+                seqs.append([i for g in group for i in tokenizer(g)["input_ids"]])
+            n = max(len(q) for q in seqs)
+            ids = torch.full((len(seqs), n), tokenizer.pad_token_id, dtype=torch.long)  # (b, n)
+            mask = torch.zeros((len(seqs), n), dtype=torch.long)  # (b, n)
+            for i, q in enumerate(seqs):
+                ids[i, : len(q)] = torch.tensor(q)
+                mask[i, : len(q)] = 1
+            enc = {"input_ids": ids, "attention_mask": mask}
+        else:
+            enc = tokenize_captions(tokenizer, batch_texts, max_length=32)
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         return lm_loss(logits, build_lm_labels(enc["input_ids"], enc["attention_mask"]))
 
     t0 = time.perf_counter()
     model.train()
     for step in range(args.steps):
-        loss = loss_of(random.sample(texts, args.batch_size))
+        loss = loss_of(random.sample(texts, args.batch_size), pack=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -76,7 +91,7 @@ def main() -> None:
         val = sum(loss_of(val_texts[i:i + 100]).item() for i in range(0, len(val_texts), 100)) / 5
     seconds = time.perf_counter() - t0
     card = {"data": "shapes-world captions: caption_corpus(include_questions=False) + 6000 random scenes "
-                    "(split='all', seed 0)",
+                    "(split='all', seed 0); 1-3 captions packed per sequence",
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "final_train_loss": round(loss.item(), 4), "val_loss": round(val, 4),
             "val_perplexity": round(math.exp(val), 3), "train_seconds": round(seconds, 1),

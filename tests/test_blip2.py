@@ -334,3 +334,19 @@ def test_parity_with_transformers_generation() -> None:
         ref_gen = hf.generate(pixel_values=px, input_ids=torch.cat([torch.full((3, q), 100), txt[:, :1]], 1),
                               max_new_tokens=5, do_sample=False)
     assert torch.equal(lab.generate(px, txt[:, :1], max_new_tokens=5), ref_gen[:, q + 1:])
+
+
+def test_load_vision_encoder_from_a_clip_tower() -> None:
+    from vlm_lab.models.clip import CLIP, CLIPConfig
+
+    clip = CLIP(CLIPConfig.toy())
+    cfg = BLIP2Config.toy(vision_width=96, vision_layers=3, vision_heads=4, vision_mlp_dim=384, vision_ln_pre=True,
+                          vision_patch_bias=False, vision_ln_eps=1e-5)
+    model = BLIP2(cfg).load_vision_encoder(clip.visual)
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(px), clip.visual.ln_post(clip.visual(px)))
+    assert not model.visual.patch_embed.proj.weight.requires_grad  # still frozen after loading
+    with pytest.raises(ValueError, match="ln_pre"):
+        BLIP2(BLIP2Config.toy(vision_width=96, vision_layers=3, vision_heads=4, vision_mlp_dim=384,
+                              vision_ln_eps=1e-5)).load_vision_encoder(clip.visual)

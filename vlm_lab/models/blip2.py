@@ -84,6 +84,8 @@ class BLIP2Config:
     vision_heads: int = 16  # ViT attention heads
     vision_mlp_dim: int = 6144  # ViT MLP hidden width (1408 * 4.3637)
     vision_ln_eps: float = 1e-6  # ViT LayerNorm epsilon (HF used 1e-5 once: a known logit mismatch, LAVIS#418)
+    vision_ln_pre: bool = False  # LayerNorm after the patch embeddings (EVA / HF: no; a lab CLIP tower: yes)
+    vision_patch_bias: bool = True  # bias in the patch projection (EVA / HF: yes; a lab CLIP tower: no)
     freeze_vision: bool = True  # freeze the ViT (all but ln_vision) and keep it in eval mode
     # --- Q-Former (BERT-base)
     num_query_tokens: int = 32  # learned queries q
@@ -95,6 +97,7 @@ class BLIP2Config:
     qformer_ln_eps: float = 1e-12  # BERT's LayerNorm epsilon
     qformer_dropout: float = 0.0  # dropout on attention probabilities and residual branches (BERT: 0.1)
     act: str = "gelu"  # Q-Former activation
+    init_std: float = 0.02  # std of the normal init of Q-Former / head weights and queries (BERT's initializer_range)
     # --- Q-Former text half (stage 1)
     vocab_size: int = 30523  # bert-base-uncased's 30,522 WordPiece tokens + [DEC]
     max_text_length: int = 512  # text position table (captions are cut to 32 tokens in the paper)
@@ -125,6 +128,8 @@ class BLIP2Config:
         if not 0 <= self.dec_token_id < self.vocab_size:
             raise ValueError(f"BLIP2Config.dec_token_id must be in [0, vocab_size={self.vocab_size}), "
                              f"got {self.dec_token_id}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"BLIP2Config.init_std must be a positive number, got {self.init_std}")
         for name in ("itc_label_smoothing", "itg_label_smoothing", "qformer_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"BLIP2Config.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -383,9 +388,9 @@ class BLIP2(nn.Module):
         c = self.config = config
         self.visual = ViT(ViTConfig(
             image_size=c.image_size, patch_size=c.patch_size, width=c.vision_width, layers=c.vision_layers,
-            heads=c.vision_heads, mlp_dim=c.vision_mlp_dim, act="gelu", ln_pre=False, ln_eps=c.vision_ln_eps,
-            patch_bias=True))
-        self.query_tokens = nn.Parameter(torch.randn(1, c.num_query_tokens, c.qformer_width) * 0.02)
+            heads=c.vision_heads, mlp_dim=c.vision_mlp_dim, act="gelu", ln_pre=c.vision_ln_pre, ln_eps=c.vision_ln_eps,
+            patch_bias=c.vision_patch_bias))
+        self.query_tokens = nn.Parameter(torch.randn(1, c.num_query_tokens, c.qformer_width) * c.init_std)
         self.qformer = QFormer(c, text=c.stage == 1)
         if c.stage == 1:
             self.word_embeddings = nn.Embedding(c.vocab_size, c.qformer_width)
@@ -406,14 +411,14 @@ class BLIP2(nn.Module):
                     p.requires_grad_(False)
 
     def _init_weights(self) -> None:
-        """BERT's initialisation for the Q-Former and heads: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+        """BERT's initialisation for the Q-Former and heads: N(0, init_std) weights, zero biases, unit LayerNorms."""
         mods = [self.qformer] + [getattr(self, n) for n in ("word_embeddings", "position_embeddings", "vision_proj",
                                                              "text_proj", "itm_head", "itg_head",
                                                              "language_projection") if hasattr(self, n)]
         for root in mods:
             for m in root.modules():
                 if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, std=0.02)
+                    nn.init.normal_(m.weight, std=self.config.init_std)
                     if isinstance(m, nn.Linear) and m.bias is not None:
                         nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.LayerNorm):
@@ -442,6 +447,19 @@ class BLIP2(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
             tokens = self.visual(pixel_values)  # (b, p, c)
         return self.visual.ln_post(tokens)  # ln_vision on every token
+
+    def load_vision_encoder(self, vit: ViT) -> "BLIP2":
+        """Copy a trained lab ``ViT`` (e.g. ``CLIP.visual``) into the frozen image encoder; its ``ln_post`` becomes
+        ``ln_vision``. BLIP-2's EVA ViT-g is itself a CLIP image tower -- this is the toy version of that."""
+        if not isinstance(vit, ViT):
+            raise TypeError(f"vit must be a vlm_lab.nn.ViT, got {type(vit).__name__}")
+        mine, theirs = self.visual.config, vit.config
+        diffs = [f"{f}: {getattr(theirs, f)} vs {getattr(mine, f)}" for f in ("image_size", "patch_size", "width",
+                 "layers", "heads", "mlp_dim", "act", "ln_pre", "patch_bias") if getattr(mine, f) != getattr(theirs, f)]
+        if diffs:
+            raise ValueError("vit does not match this BLIP2's vision config (given vs expected): " + "; ".join(diffs))
+        self.visual.load_state_dict(vit.state_dict())
+        return self
 
     # --- Q-Former passes ------------------------------------------------------------------------------------
     def _queries(self, b: int) -> Tensor:
