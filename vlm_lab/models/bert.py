@@ -130,12 +130,12 @@ class BertLMHead(nn.Module):
         return self.decoder(self.norm(self.act(self.dense(x))))
 
 
-def bert_init(*modules: nn.Module) -> None:
-    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+def bert_init(*modules: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: N(0, std) weights (BERT: 0.02), zero biases, unit LayerNorms."""
     for root in modules:
         for m in root.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=std)
                 if isinstance(m, nn.Linear) and m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
