@@ -8,7 +8,7 @@ Flan-T5). Offline, the lab cannot download one, so it ships a tiny decoder of th
 - it was pre-trained briefly on the text of the shapes world ("a small red circle left of a large blue star")
   with a byte-level BPE tokenizer trained on the same text (``vlm_lab.data.tokenizers.train_bpe``), so it
   already "speaks shapes" before it ever sees an image -- the situation BLIP-2 starts from;
-- the checkpoint lives in ``assets/lm-toy/`` (``model.safetensors`` + ``card.json`` + ``tokenizer/``, < 1 MB);
+- the checkpoint lives in ``assets/lm-toy/`` (``model.safetensors`` + ``card.json`` + ``tokenizer/``, about 1.3 MB);
   ``assets/make_lm.py`` regenerates it (command in ``assets/README.md``); ``load_toy_lm()`` loads it offline.
 
 Real LLM weights: ``load_pretrained_lm("facebook/opt-2.7b", allow_download=True)`` goes through
