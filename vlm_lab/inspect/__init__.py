@@ -3,3 +3,7 @@
 from .trace import Trace, TraceRecord, count_flops, count_parameters, trace
 
 __all__ = ["Trace", "TraceRecord", "count_flops", "count_parameters", "trace"]
+
+from .taxonomy import TaxonomySplit, register_taxonomy_rules, taxonomy_split  # noqa: E402
+
+__all__ += ["TaxonomySplit", "register_taxonomy_rules", "taxonomy_split"]

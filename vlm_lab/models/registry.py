@@ -16,6 +16,8 @@ from .blip import BLIP, BLIPConfig
 from .blip2 import BLIP2, BLIP2Config
 from .clip import CLIP, CLIPConfig
 from .coca import CoCa, CoCaConfig
+from .fusion import (ConnectorConfig, ConnectorVQA, DualEncoder, DualEncoderConfig, EarlyFusion, FusionConfig,
+                     IntermediateFusion, LateFusion)
 from .vilt import ViLT, ViLTConfig
 from .vlmo import VLMo, VLMoConfig
 
@@ -26,6 +28,11 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "blip2": (BLIP2, BLIP2Config),
     "clip": (CLIP, CLIPConfig),
     "coca": (CoCa, CoCaConfig),
+    "early_fusion": (EarlyFusion, FusionConfig),
+    "intermediate_fusion": (IntermediateFusion, FusionConfig),
+    "late_fusion": (LateFusion, FusionConfig),
+    "connector_vqa": (ConnectorVQA, ConnectorConfig),
+    "dual_encoder": (DualEncoder, DualEncoderConfig),
     "vilt": (ViLT, ViLTConfig),
     "vlmo": (VLMo, VLMoConfig),
 }

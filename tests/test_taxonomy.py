@@ -1,0 +1,90 @@
+"""VE / TE / MI split of parameters and FLOPs, against counts worked out by hand on tiny configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vlm_lab.inspect import count_flops
+from vlm_lab.inspect.taxonomy import register_taxonomy_rules, taxonomy_split
+from vlm_lab.models.clip import CLIP, CLIPConfig
+from vlm_lab.models.fusion import EarlyFusion, FusionConfig, LateFusion
+
+b, n = 2, 5  # batch, question tokens
+C = FusionConfig(image_size=16, patch_size=8, vocab_size=20, max_length=6, num_answers=5, width=8, heads=2, mlp_dim=12,
+                 early_layers=1, vision_layers=1, text_layers=1, fusion_layers=1, late_text_layers=1)
+d, m, a, p, ps = C.width, C.mlp_dim, C.num_answers, 4, C.patch_size  # p = (16 / 8)^2 patches
+
+
+def batch() -> dict:
+    return {"pixel_values": torch.randn(b, 3, 16, 16), "input_ids": torch.randint(0, 20, (b, n)),
+            "attention_mask": torch.ones(b, n, dtype=torch.long)}
+
+
+def block_params(width: int, mlp: int) -> int:
+    return 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width) + 2 * 2 * width
+
+
+def block_flops(tokens: int) -> int:  # per image: q, k, v, out projections; QK^T and AV; the MLP
+    return 2 * tokens * d * d * 4 + 2 * 2 * tokens * tokens * d + 2 * 2 * tokens * d * m
+
+
+def test_early_fusion_by_hand():
+    s = taxonomy_split(EarlyFusion(C), batch())
+    ve = (3 * ps * ps * d + d) + p * d  # patch projection (conv + bias) + patch positions
+    te = 20 * d + 6 * d  # token table + position table
+    head = 2 * d + (d * d + d) + (d * a + a)  # LayerNorm + two linears
+    mi = 2 * d + block_params(d, m) + 2 * d  # type embeddings + the joint block + final norm
+    assert s.params == {"visual_embedding": ve, "textual_embedding": te, "modality_interaction": mi, "head": head}
+    assert s.flops["visual_embedding"] == b * 2 * (3 * ps * ps) * d * p  # the patch convolution
+    assert s.flops["textual_embedding"] == 0  # look-ups are free for the counter
+    assert s.flops["modality_interaction"] == b * block_flops(n + p)
+    assert s.flops["head"] == b * 2 * (d * d + d * a)
+    assert s.total_params == sum(q.numel() for q in EarlyFusion(C).parameters())
+
+
+def test_late_fusion_head_split_and_totals():
+    model = LateFusion(C)
+    x = batch()
+    s = taxonomy_split(model, x)
+    # the first layer of the MLP over [v; u] is where the modalities meet; the last one maps to answers
+    assert s.flops["modality_interaction"] == b * 2 * (2 * d) * (2 * d)
+    assert s.flops["head"] == b * 2 * (2 * d) * a
+    assert s.params["modality_interaction"] == 2 * (2 * d) + (2 * d) * (2 * d) + 2 * d
+    # count_flops misses PyTorch's CPU attention kernel; taxonomy_split adds QK^T and AV (4 n^2 d per image and layer)
+    attention = b * 4 * d * ((1 + p) ** 2 + n**2)  # one ViT block over [CLS] + 4 patches, one text block over 5 words
+    assert s.total_flops == count_flops(lambda: model.eval()(x)) + attention
+    assert abs(sum(s.share("flops").values()) - 1) < 1e-9
+
+
+def test_clip_interaction_is_a_dot_product():
+    c = CLIPConfig.toy(vision_layers=1, text_layers=1, vocab_size=50, context_length=8, embed_dim=16)
+    model = CLIP(c)
+    x = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": torch.randint(0, 50, (3, 6))}
+    s = taxonomy_split(model, x)
+    assert s.params["modality_interaction"] == 1  # logit_scale
+    # the (b, b) similarity, computed in forward and again inside clip_loss
+    assert s.flops["modality_interaction"] == 2 * (2 * 3 * 3 * 16)
+    assert s.params["visual_embedding"] == sum(q.numel() for q in model.visual.parameters()) + 96 * 16
+    assert s.share("flops")["modality_interaction"] < 1e-3
+
+
+def test_unknown_models_and_rules():
+    class Mystery(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.eye = nn.Linear(3, 4)
+            self.ear = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.eye(x) @ self.ear(x).T
+
+    with pytest.raises(ValueError, match="register_taxonomy_rules"):
+        taxonomy_split(Mystery())
+    with pytest.raises(ValueError, match="category"):
+        register_taxonomy_rules("Mystery", [(r"^eye", "vision")])
+    register_taxonomy_rules("Mystery", [(r"^eye", "visual_embedding"), (r"^ear", "textual_embedding")])
+    s = taxonomy_split(Mystery(), torch.randn(2, 3))
+    assert s.params["visual_embedding"] == 16 and s.params["textual_embedding"] == 16
+    assert s.flops == {"visual_embedding": 2 * 2 * 3 * 4, "textual_embedding": 2 * 2 * 3 * 4,
+                       "modality_interaction": 2 * 2 * 2 * 4, "head": 0}

@@ -1,0 +1,205 @@
+"""Where a vision-language model spends its parameters and FLOPs: visual embedding, textual embedding, interaction.
+
+ViLT (Kim et al., 2021, Figure 2) sorts VLMs by the relative size of three parts:
+
+- **VE** visual embedding: everything that turns pixels into the vectors the interaction sees (patch projection,
+  a ViT, a CNN + detector, a connector into another model's space);
+- **TE** textual embedding: everything that turns words into vectors (a lookup table, a text transformer);
+- **MI** modality interaction: where the two meet (a dot product in CLIP, cross-attention layers, a joint
+  transformer over both sequences, the first layer of an MLP over concatenated vectors).
+
+``taxonomy_split(model, batch)`` measures the three for any lab model: parameters by parameter name, FLOPs with
+``torch.utils.flop_counter`` (via its per-module counts: a multiply-add is 2 FLOPs; only matrix products,
+convolutions and attention are counted, as the counter does; embedding look-ups, norms, activations and softmax cost
+0). PyTorch's counter has formulas for the CUDA attention kernels but not for the CPU one
+(``_scaled_dot_product_flash_attention_for_cpu``), so attention would cost nothing on a CPU; ``taxonomy_split`` adds
+the same formula for it (QK^T and AV: 4 b h n m k). ``vlm_lab.inspect.count_flops`` does not, yet. Task heads
+(an answer classifier, a matching head's final layer) go to a fourth bucket, ``head``, which ViLT's figure leaves out.
+
+Rules are per model class: an ordered list of ``(regex on the dotted module / parameter name, category)``; the first
+match wins. FLOPs are counted per module *exclusively* (a module's count minus its children's) and each module's
+share goes to the category of its own name, so a rule for a child beats its parent's. Compute that happens in the
+model's own ``forward`` (outside any child module), and names that no rule matches, go to the class's ``default``. A model
+class without rules is an error that says how to add them (``register_taxonomy_rules`` or a ``taxonomy_rules``
+class attribute ``(rules, default)``).
+
+The built-in rules, written down:
+
+==================  ====================================  ==============================  ======================================
+model               VE                                    TE                              MI (head)
+==================  ====================================  ==============================  ======================================
+CLIP                visual, visual_projection             text, text_projection           logit_scale + the similarity (forward)
+EarlyFusion         patch_embed, image_position           text_embed                      type_embed, encoder (head)
+IntermediateFusion  vision                                text                            fusion (head)
+LateFusion          vision                                text                            combine, head.norm, head.mlp.linear_1
+                                                                                          (head.mlp.linear_2)
+ConnectorVQA        image_encoder, connector              text_embed                      type_embed, text (head)
+DualEncoder         vision, image_proj                    text, text_proj                 fusion, logit_scale, sim. (itm_head)
+==================  ====================================  ==============================  ======================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["CATEGORIES", "TaxonomySplit", "taxonomy_split", "register_taxonomy_rules", "taxonomy_rules"]
+
+VE, TE, MI, HEAD = "visual_embedding", "textual_embedding", "modality_interaction", "head"
+CATEGORIES: tuple[str, ...] = (VE, TE, MI, HEAD)
+Rules = list[tuple[str, str]]
+
+_RULES: dict[str, tuple[Rules, str]] = {
+    "CLIP": ([(r"^visual(\.|$)", VE), (r"^visual_projection(\.|$)", VE), (r"^text(\.|$)", TE),
+              (r"^text_projection(\.|$)", TE), (r"^logit_scale$", MI)], MI),
+    "EarlyFusion": ([(r"^patch_embed(\.|$)", VE), (r"^image_position$", VE), (r"^text_embed(\.|$)", TE),
+                     (r"^type_embed(\.|$)", MI), (r"^encoder(\.|$)", MI), (r"^head(\.|$)", HEAD)], MI),
+    "IntermediateFusion": ([(r"^vision(\.|$)", VE), (r"^text(\.|$)", TE), (r"^fusion(\.|$)", MI),
+                            (r"^head(\.|$)", HEAD)], MI),
+    "LateFusion": ([(r"^vision(\.|$)", VE), (r"^text(\.|$)", TE), (r"^combine(\.|$)", MI),
+                    (r"^head\.norm(\.|$)", MI), (r"^head\.mlp\.linear_1(\.|$)", MI), (r"^head(\.|$)", HEAD)], MI),
+    "ConnectorVQA": ([(r"^image_encoder(\.|$)", VE), (r"^connector(\.|$)", VE), (r"^text_embed(\.|$)", TE),
+                      (r"^type_embed(\.|$)", MI), (r"^text(\.|$)", MI), (r"^head(\.|$)", HEAD)], MI),
+    "DualEncoder": ([(r"^vision(\.|$)", VE), (r"^image_proj(\.|$)", VE), (r"^text(\.|$)", TE),
+                     (r"^text_proj(\.|$)", TE), (r"^fusion(\.|$)", MI), (r"^logit_scale$", MI),
+                     (r"^itm_head(\.|$)", HEAD)], MI),
+}
+
+
+def register_taxonomy_rules(class_name: str, rules: Rules, default: str = MI) -> None:
+    """Add or replace the rules of a model class (by class name). ``rules``: ``[(regex, category), ...]``."""
+    if not isinstance(class_name, str) or not class_name:
+        raise TypeError(f"class_name: expected a non-empty str, got {class_name!r}")
+    for pattern, cat in list(rules) + [("", default)]:
+        if cat not in CATEGORIES:
+            raise ValueError(f"rules: category must be one of {list(CATEGORIES)}, got {cat!r}")
+        re.compile(pattern)
+    _RULES[class_name] = (list(rules), default)
+
+
+def taxonomy_rules(model: nn.Module) -> tuple[Rules, str]:
+    """The ``(rules, default)`` used for ``model`` (its ``taxonomy_rules`` attribute, else the registered ones)."""
+    own = getattr(type(model), "taxonomy_rules", None)
+    if own is not None:
+        return list(own[0]), own[1]
+    name = type(model).__name__
+    if name not in _RULES:
+        raise ValueError(f"model: no taxonomy rules for {name}; known classes: {sorted(_RULES)}. Add them with "
+                         "vlm_lab.inspect.taxonomy.register_taxonomy_rules(name, [(regex, category), ...]) or a "
+                         "class attribute taxonomy_rules = (rules, default)")
+    return _RULES[name]
+
+
+def _cpu_sdpa_mapping() -> dict:
+    """PyTorch's counter knows the CUDA attention kernels but not the CPU one; count it the same way (4 b h n m k)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:  # pragma: no cover - older / newer PyTorch
+        return {}
+
+    def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: flops}  # FlopCounterMode passes shapes to custom formulas itself
+
+
+def _category(name: str, rules: Rules) -> str | None:
+    for pattern, cat in rules:
+        if re.search(pattern, name):
+            return cat
+    return None
+
+
+@dataclass
+class TaxonomySplit:
+    """Parameters and FLOPs of one model, by category (keys: ``CATEGORIES``)."""
+
+    model: str  # class name
+    params: dict[str, int]  # parameters per category
+    flops: dict[str, int]  # FLOPs of one forward pass of the given batch per category (empty without a batch)
+    batch_size: int = 0  # images in the measured batch (0 without a batch)
+    modules: dict[str, str] = field(default_factory=dict)  # top-most module / parameter name -> category
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+    def share(self, what: str = "flops", include_head: bool = False) -> dict[str, float]:
+        """Fractions of ``"flops"`` or ``"params"`` per category (VE / TE / MI, plus head when asked)."""
+        if what not in ("flops", "params"):
+            raise ValueError(f"what: expected 'flops' or 'params', got {what!r}")
+        d = getattr(self, what)
+        cats = CATEGORIES if include_head else CATEGORIES[:3]
+        total = sum(d.get(c, 0) for c in cats)
+        return {c: (d.get(c, 0) / total if total else 0.0) for c in cats}
+
+    def as_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"model": self.model}
+        for c in CATEGORIES:
+            row[f"params_{c}"] = self.params.get(c, 0)
+        for c in CATEGORIES:
+            row[f"flops_{c}"] = self.flops.get(c, 0)
+        return row
+
+
+def taxonomy_split(model: nn.Module, batch: Any = None, *, forward: Callable[[nn.Module, Any], Any] | None = None,
+                   ) -> TaxonomySplit:
+    """Split ``model``'s parameters (and, given a ``batch``, one forward pass's FLOPs) into VE / TE / MI / head.
+
+    Args:
+        model: a lab model with taxonomy rules (see the module docstring).
+        batch: the input of one forward pass (``model(batch)``, or ``forward(model, batch)`` when given); None counts
+            parameters only. The pass runs in eval mode without gradients; the model's mode is restored.
+        forward: how to call the model, e.g. ``lambda m, b: m.encode_image(b["pixel_values"])``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    rules, default = taxonomy_rules(model)
+    params = {c: 0 for c in CATEGORIES}
+    assigned: dict[str, str] = {}
+    for name, p in model.named_parameters():
+        cat = _category(name, rules) or default
+        params[cat] += p.numel()
+        top = name.split(".")[0]
+        assigned.setdefault(top if _category(top, rules) else name, cat)
+
+    flops = {c: 0 for c in CATEGORIES} if batch is not None else {}
+    bsz = 0
+    if batch is not None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
+                forward(model, batch) if forward is not None else model(batch)
+        finally:
+            model.train(was_training)
+        counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+        root = type(model).__name__
+        names = {k[len(root) + 1:]: v for k, v in counts.items() if k.startswith(root + ".")}
+        # exclusive FLOPs of each module: its own count minus its direct children's; each goes to the category of
+        # the module's own name, so a rule for a child (LateFusion's head.mlp.linear_1) beats its parent's
+        child_sum: dict[str, int] = {}
+        for name, v in names.items():
+            parent = name
+            while parent:  # the nearest *called* ancestor (a ModuleList is never called itself)
+                parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+                if parent in names:
+                    break
+            child_sum[parent] = child_sum.get(parent, 0) + v
+        for name, v in names.items():
+            flops[_category(name, rules) or default] += v - child_sum.get(name, 0)
+        flops[default] += max(counts.get("Global", 0) - child_sum.get("", 0), 0)  # the model's own forward
+        pv = batch.get("pixel_values") if isinstance(batch, dict) else None
+        bsz = int(pv.shape[0]) if isinstance(pv, torch.Tensor) else 0
+    return TaxonomySplit(type(model).__name__, params, flops, bsz, assigned)
