@@ -67,7 +67,7 @@ def distillation(args, tok, collate) -> None:
     rows = {}
     for alpha in (0.0, 0.4):
         torch.manual_seed(args.seed)
-        m = ALBEF(ALBEFConfig.toy(alpha=alpha, alpha_warmup_steps=args.steps // 3))
+        m = ALBEF(ALBEFConfig.toy(alpha=alpha, alpha_warmup_steps=args.steps // 2))
         fit(m, noisy, cfg(args.steps, collate, seed=args.seed))
         rows[f"alpha = {alpha}"] = evaluate(m, tok, collate)
     table(rows)

@@ -202,3 +202,18 @@ def test_bad_config():
         BLIPConfig.toy(label_smoothing=1.0)
     with pytest.raises(TypeError, match="BLIPConfig"):
         BLIP({"image_size": 32})
+
+
+def test_inbatch_warm_start_with_momentum():
+    import torch.nn.functional as F
+
+    model = _model(inbatch_itc_steps=1, itm_weight=0.0, lm_weight=0.0).train()
+    b = _batch()
+    out = model(b)
+    with torch.no_grad():
+        ie = model.encode_image(b["pixel_values"])
+        logits = (model.image_features(ie) @ model.text_features(model.encode_text(b["input_ids"],
+                                                                                 b["attention_mask"])).T / model.temp)
+    clip = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))) / 2
+    torch.testing.assert_close(out.loss_itc.detach(), clip, atol=1e-5, rtol=1e-5)
+    assert int(model.queue.ptr) == 4 and out.sim_i2t.shape == (4, 12)

@@ -140,11 +140,16 @@ class ALBEFConfig:
     @classmethod
     def toy(cls, **overrides: Any) -> "ALBEFConfig":
         """32 px shapes world, ``shapes_tokenizer`` ids (112 tokens: [PAD] 0, [CLS] 2, [MASK] 4): ViT 32/8 x 64
-        (2 blocks), BERT 64 wide with 2 text + 2 fusion layers, ITC width 32, queue 256."""
+        (2 blocks), BERT 64 wide with 2 text + 2 fusion layers, ITC width 32, queue 256.
+
+        ALBEF starts from pre-trained DeiT and BERT; from scratch, the momentum ITC cannot bootstrap (at
+        initialisation every caption's [CLS] feature is nearly the same, so momentum targets carry no signal:
+        measured, retrieval stays at chance for 200+ steps). The toy therefore warms up with 100 steps of in-batch
+        ITC (``inbatch_itc_steps``), then switches to the momentum model and queue."""
         base = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
                     vision_mlp_dim=128, vocab_size=112, max_text_length=32, text_width=64, text_layers=2,
                     fusion_layers=2, text_heads=4, text_mlp_dim=128, pad_token_id=0, cls_token_id=2,
-                    mask_token_id=4, embed_dim=32, queue_size=256)
+                    mask_token_id=4, embed_dim=32, queue_size=256, inbatch_itc_steps=100)
         return cls(**{**base, **overrides})
 
     @classmethod

@@ -108,6 +108,8 @@ class BLIPConfig:
     momentum: float = 0.995  # EMA coefficient
     alpha: float = 0.4  # distillation weight
     alpha_warmup_steps: int = 0  # ramp alpha over this many training steps (BLIP: 2 epochs)
+    inbatch_itc_steps: int = 0  # with use_momentum: first training steps use in-batch ITC (both towers get gradient),
+    # a stand-in for BLIP's pre-trained ViT / BERT when training from scratch (see ALBEFConfig.toy; toy: 100)
     # --- LM
     label_smoothing: float = 0.1  # LM label smoothing (original 0.1; HF default 0.0)
     # --- objective weights (0 switches one off: the captioner trains LM only, the filter ITC + ITM)
@@ -136,6 +138,8 @@ class BLIPConfig:
                 raise ValueError(f"BLIPConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"BLIPConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.alpha_warmup_steps < 0 or self.inbatch_itc_steps < 0:
+            raise ValueError("BLIPConfig.alpha_warmup_steps and inbatch_itc_steps must be >= 0")
         if not 0.001 <= self.temp_init <= 0.5:
             raise ValueError(f"BLIPConfig.temp_init must be in [0.001, 0.5], got {self.temp_init}")
         for name in ("itc_weight", "itm_weight", "lm_weight"):
@@ -149,7 +153,7 @@ class BLIPConfig:
         base = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
                     vision_mlp_dim=128, vocab_size=114, max_text_length=40, text_width=64, text_layers=3,
                     text_heads=4, text_mlp_dim=128, pad_token_id=0, cls_token_id=2, sep_token_id=3,
-                    dec_token_id=112, enc_token_id=113, embed_dim=32, queue_size=256)
+                    dec_token_id=112, enc_token_id=113, embed_dim=32, queue_size=256, inbatch_itc_steps=100)
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -371,7 +375,12 @@ class BLIP(nn.Module):
                     tgt_t2i = distillation_targets(text_feat_m @ image_all.T / self.temp, alpha, positives)
                 sim_i2t = image_feat @ text_all.T / self.temp  # (b, b + Q)
                 sim_t2i = text_feat @ image_all.T / self.temp
-                loss_itc = momentum_itc_loss(sim_i2t, sim_t2i, tgt_i2t, tgt_t2i)
+                if int(self.step) < c.inbatch_itc_steps:  # warm start: in-batch, gradient through both towers
+                    logits = image_feat @ text_feat.T / self.temp  # (b, b)
+                    tgt = distillation_targets(logits.detach(), 0.0, None if positives is None else positives[:, :b])
+                    loss_itc = momentum_itc_loss(logits, logits.T, tgt, tgt)
+                else:
+                    loss_itc = momentum_itc_loss(sim_i2t, sim_t2i, tgt_i2t, tgt_t2i)
                 if training:
                     self.queue.enqueue(image_feat_m, text_feat_m, ids)
             else:
