@@ -79,7 +79,8 @@ def test_caption_queries_independent_of_contrastive_pooler():
     x = torch.randn(2, 3, 30, 30)
     emb0, (_, cap0) = m.encode_image(x), m.image_features(x)
     with torch.no_grad():
-        m.pool_contrast.query.add_(torch.randn_like(m.pool_contrast.query))  # (LayerNorm'd: a constant shift is a no-op)
+        # (random, not a constant: the query is LayerNorm'd, so a constant shift is a no-op)
+        m.pool_contrast.query.add_(torch.randn_like(m.pool_contrast.query))
     _, cap1 = m.image_features(x)
     assert torch.equal(cap0, cap1)  # caption tokens do not depend on the contrastive query
     assert not torch.allclose(emb0, m.encode_image(x))

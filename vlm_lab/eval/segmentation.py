@@ -69,7 +69,8 @@ def zero_shot_segmentation(model: nn.Module, image: np.ndarray, classifier: Tens
         raise ValueError(f"image: expected a uint8 array (H, W, 3), got {getattr(image, 'dtype', type(image))} "
                          f"{getattr(image, 'shape', '')}")
     if not isinstance(classifier, Tensor) or classifier.dim() != 2:
-        raise ValueError(f"classifier: expected a (classes, dim) tensor, got {getattr(classifier, 'shape', classifier)}")
+        raise ValueError("classifier: expected a (classes, dim) tensor, "
+                         f"got {getattr(classifier, 'shape', classifier)}")
     if image_size is None:
         image_size = getattr(getattr(model, "config", None), "image_size", None)
         if image_size is None:

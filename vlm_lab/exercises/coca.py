@@ -33,7 +33,8 @@ def _diagnose_mask(inputs: tuple, got: Any, expected: Any) -> str | None:
     (mask,) = inputs
     got = to_numpy(got).astype(bool)
     if got.shape != tuple(expected.shape):
-        return f"the mask should have shape (batch, n + 1, n + 1) = {tuple(expected.shape)}: one extra row and column for [CLS]"
+        return (f"the mask should have shape (batch, n + 1, n + 1) = {tuple(expected.shape)}: one extra row and "
+                "column for [CLS]")
     exp = to_numpy(expected).astype(bool)
     if np.array_equal(got, to_numpy(cls_attention_mask(mask, legacy=True)).astype(bool)):
         return ("this is open_clip's *legacy* mask (validity padded at the front): [CLS] sees the first pad token and "

@@ -39,7 +39,9 @@ copied). Choices, written down (see also the ``CoCaConfig`` field comments):
 - **Exact gradient accumulation.** ``contrastive_features`` returns, per sample, the two embeddings *and* the
   caption NLL summed over the sample's tokens with its token count; ``contrastive_loss`` divides by the total
   count. So ``vlm_lab.train.fit(accum_mode="cache_features")`` accumulates both terms exactly (the contrastive
-  one sees every negative of the accumulated batch; the caption one is a token-level mean over it).
+  one sees every negative of the accumulated batch; the caption one is a token-level mean over it). Under DDP
+  the contrastive term gathers every rank's embeddings; the caption term stays a per-rank token mean that DDP
+  averages (exact only when ranks hold equal token counts, as in open_clip).
 - **Temperature.** ``logit_scale`` = ln(1/0.07) at init; ``post_step`` clamps it to [0, ln 100] (open_clip).
 - **Weights.** CONCH's released checkpoint is gated (Hugging Face, after accepting its licence) and has the
   multimodal decoder removed; the lab therefore has no ``from_hf`` for it. ``paper()`` builds the architecture
