@@ -27,6 +27,12 @@ Matches ``salesforce/ALBEF`` ``models/model_pretrain.py`` (and LAVIS ``albef_pre
 - MLM uses ``vlm_lab.losses.mask_tokens`` with ALBEF's rule "[PAD] and [CLS] are never masked" ([SEP] can be);
   random replacements are drawn from the non-special ids (ALBEF draws from the whole vocabulary);
 - the MLM decoder is tied to the word embeddings (``BertForMaskedLM``), the momentum copy included;
+- ALBEF starts from pre-trained DeiT / BERT. From scratch, every caption's [CLS] feature is nearly the same vector
+  at first and the momentum targets carry no signal: measured on the toy, retrieval stayed at chance for 200+
+  steps. ``inbatch_itc_steps`` (toy: 100) trains the first steps with in-batch ITC through both towers (the EMA
+  and the queue keep running), then switches to the momentum ITC. The faithful alternative is a pre-trained text
+  side: ``ALBEFConfig.minilm()`` + ``load_minilm_text()`` (all-MiniLM-L6-v2, 3 text + 3 fusion layers, matches
+  the pretrained BERT's hidden states, ``tests/test_albef.py``);
 - an optional ``batch["image_ids"]`` ``(b,)`` turns on ALBEF's retrieval fine-tuning targets (uniform over all
   columns, queue included, that share the image id).
 

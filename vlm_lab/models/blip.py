@@ -32,7 +32,8 @@ transformers, and what the lab does:
   30,524 rows); the lab's config names them (``enc_token_id``, ``dec_token_id``).
 - ITC: the original uses a momentum encoder, queues (57,600) and distillation (alpha 0.4 ramped over 2 epochs),
   like ALBEF; ``use_momentum=False`` gives a plain in-batch ITC (BLIP's captioner / filter fine-tuning at toy
-  scale). HF keeps neither, so ``from_hf`` copies the loaded weights into the momentum encoders.
+  scale). HF keeps neither, so ``from_hf`` copies the loaded weights into the momentum encoders. From scratch,
+  ``inbatch_itc_steps`` warms up with in-batch ITC first (see ``vlm_lab.models.albef``; toy: 100).
 - hard negatives: ``losses.hard_negatives`` removes the positive (and identical captions) before the softmax,
   in fp32; BLIP adds 1e-4 after the softmax and zeroes the diagonal (the fix for BLIP#76). Same support, the
   lab never puts NaN into ``multinomial``.
