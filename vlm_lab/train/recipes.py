@@ -128,7 +128,7 @@ RECIPES: dict[str, Recipe] = {
         presets=("toy",),
         build_fn=_clip_build,
         evaluate_fn=_clip_evaluate,
-        train_defaults={"toy": {"steps": 600, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30,
+        train_defaults={"toy": {"steps": 1000, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30,
                                 "checkpoint_every": 100, "precision": "fp32"}},
     ),
 }
