@@ -99,7 +99,9 @@ def _worker(rank, world, port, kind, inputs, queue):
         grads = torch.cat([img.grad, txt.grad], 1)
         s_grad = s.grad.clone()
         dist.all_reduce(s_grad)
-        queue.put((rank, loss.item(), grads, (s_grad / world).item()))
+        # send numpy (pickled by value): a torch tensor would be shared through a file descriptor that
+        # disappears when this process exits, racing the parent's unpickling
+        queue.put((rank, loss.item(), grads.numpy(), (s_grad / world).item()))
     finally:
         dist.destroy_process_group()
 
@@ -115,7 +117,7 @@ def test_two_process_loss_and_gradients_equal_single_process(kind):
     procs = [ctx.Process(target=_worker, args=(r, world, port, kind, (img, txt, scale), queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in range(world))
+    results = sorted((queue.get(timeout=120) for _ in range(world)), key=lambda r: r[0])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -127,6 +129,6 @@ def test_two_process_loss_and_gradients_equal_single_process(kind):
     mean_loss = sum(r[1] for r in results) / world
     assert math.isclose(mean_loss, ref.item(), rel_tol=1e-5, abs_tol=1e-6)
     # per-rank input gradients / W (what DDP's averaging produces for a parameter owned by one rank) == reference
-    grads = torch.cat([r[2] for r in results]) / world
+    grads = torch.cat([torch.from_numpy(r[2]) for r in results]) / world
     torch.testing.assert_close(grads, torch.cat([i1.grad, t1.grad], 1), atol=1e-6, rtol=1e-5)
     assert math.isclose(results[0][3], s1.grad.item(), rel_tol=1e-5, abs_tol=1e-7)
