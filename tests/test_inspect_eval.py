@@ -43,6 +43,18 @@ def test_trace_paper_clip_on_meta_device_without_memory():
     assert 33e9 < flops < 36e9  # ViT-B/16 at 224 px: ~17.5 GMACs
 
 
+def test_count_flops_counts_attention_on_cpu_as_on_meta():
+    from vlm_lab.nn import Attention
+    att = Attention(64, 4)
+    cpu = count_flops(lambda: att(torch.randn(2, 50, 64)))
+    with torch.device("meta"):
+        meta_att = Attention(64, 4)
+    meta = count_flops(lambda: meta_att(torch.empty(2, 50, 64, device="meta")))
+    projections = 4 * 2 * (2 * 50 * 64 * 64)  # q, k, v, out: 2 FLOPs per multiply-add
+    core = 2 * (2 * 2 * 50 * 50 * 64)  # scores and weighted values
+    assert cpu == meta == projections + core
+
+
 def test_zero_shot_ensembling_normalises_each_prompt_before_averaging():
     class Fake(torch.nn.Module):
         """encode_text returns a fixed, unnormalised vector per prompt id; normalisation happens in eval."""

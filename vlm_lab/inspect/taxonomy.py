@@ -12,8 +12,8 @@ ViLT (Kim et al., 2021, Figure 2) sorts VLMs by the relative size of three parts
 ``torch.utils.flop_counter`` (via its per-module counts: a multiply-add is 2 FLOPs; only matrix products,
 convolutions and attention are counted, as the counter does; embedding look-ups, norms, activations and softmax cost
 0). PyTorch's counter has formulas for the CUDA attention kernels but not for the CPU one
-(``_scaled_dot_product_flash_attention_for_cpu``), so attention would cost nothing on a CPU; ``taxonomy_split`` adds
-the same formula for it (QK^T and AV: 4 b h n m k). ``vlm_lab.inspect.count_flops`` does not, yet. Task heads
+(``_scaled_dot_product_flash_attention_for_cpu``), so attention would cost nothing on a CPU; ``taxonomy_split`` and
+``count_flops`` add the same formula for it (QK^T and AV: 4 b h n m k). Task heads
 (an answer classifier, a matching head's final layer) go to a fourth bucket, ``head``, which ViLT's figure leaves out.
 
 Rules are per model class: an ordered list of ``(regex on the dotted module / parameter name, category)``; the first
@@ -46,6 +46,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .trace import cpu_attention_flop_mapping
 
 __all__ = ["CATEGORIES", "TaxonomySplit", "taxonomy_split", "register_taxonomy_rules", "taxonomy_rules"]
 
@@ -92,20 +94,6 @@ def taxonomy_rules(model: nn.Module) -> tuple[Rules, str]:
                          "vlm_lab.inspect.taxonomy.register_taxonomy_rules(name, [(regex, category), ...]) or a "
                          "class attribute taxonomy_rules = (rules, default)")
     return _RULES[name]
-
-
-def _cpu_sdpa_mapping() -> dict:
-    """PyTorch's counter knows the CUDA attention kernels but not the CPU one; count it the same way (4 b h n m k)."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None:  # pragma: no cover - older / newer PyTorch
-        return {}
-
-    def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    return {op: flops}  # FlopCounterMode passes shapes to custom formulas itself
 
 
 def _category(name: str, rules: Rules) -> str | None:
@@ -180,7 +168,7 @@ def taxonomy_split(model: nn.Module, batch: Any = None, *, forward: Callable[[nn
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
+            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_mapping()) as counter:
                 forward(model, batch) if forward is not None else model(batch)
         finally:
             model.train(was_training)

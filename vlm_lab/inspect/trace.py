@@ -171,11 +171,26 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def cpu_attention_flop_mapping() -> dict:
+    """A FLOP formula for PyTorch's CPU attention kernel, which the flop counter does not know (it would count
+    attention as free on a CPU while counting it on CUDA and on the meta device): 4 b h n m k, as for CUDA."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:  # pragma: no cover - other PyTorch versions
+        return {}
+
+    def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: flops}
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """Floating-point operations of one call of ``fn()`` counted by ``torch.utils.flop_counter`` (a multiply-add
-    is 2 FLOPs). Works on the ``meta`` device."""
+    is 2 FLOPs), attention included on every device. Works on the ``meta`` device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_mapping()) as counter:
         fn()
     return int(counter.get_total_flops())
