@@ -60,6 +60,7 @@ from ..losses.momentum import (FeatureQueue, alpha_at, copy_params, distillation
                                momentum_update)
 from ..nn import ViT, ViTConfig, check_pixel_values
 from .bert import BertLMHead, BertTextEncoder, bert_init
+from ._config import config_from_dict
 
 __all__ = ["ALBEF", "ALBEFConfig", "ALBEFOutput", "rerank", "caption_groups", "itm_negatives"]
 
@@ -176,10 +177,7 @@ class ALBEFConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ALBEFConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ALBEFConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass

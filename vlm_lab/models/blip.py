@@ -65,6 +65,7 @@ from ..nn import ViT, ViTConfig, check_pixel_values, check_token_ids
 from .albef import _require, caption_groups, itm_negatives, rerank
 from .bert import BertLMHead, BertTextEncoder, bert_init
 from .decoding import generate as _generate
+from ._config import config_from_dict
 
 __all__ = ["BLIP", "BLIPConfig", "BLIPOutput", "SHARED_DECODER_PARTS"]
 
@@ -165,10 +166,7 @@ class BLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BLIPConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown BLIPConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass

@@ -48,9 +48,8 @@ d Q-Former width, e ITC embedding width, D LLM width, V vocabulary.
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -60,6 +59,7 @@ from torch import Tensor, nn
 from ..interop import load_converted, rename_keys, split_qkv
 from ..losses.captioning import build_lm_labels, lm_loss
 from ..nn import MLP, Attention, ViT, ViTConfig, check_pixel_values, check_token_ids
+from ._config import config_from_dict
 from .lm import CausalLMConfig, build_causal_lm, freeze
 
 __all__ = ["BLIP2", "BLIP2Config", "BLIP2Output", "QFormer", "QFormerLayer", "qformer_mask", "itc_similarity",
@@ -181,14 +181,10 @@ class BLIP2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BLIP2Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown BLIP2Config fields: {unknown}")
         d = dict(d)
         if isinstance(d.get("lm"), dict):
             d["lm"] = CausalLMConfig.from_dict(d["lm"])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass

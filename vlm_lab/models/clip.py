@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..interop import load_converted, rename_keys
 from ..losses import clip_loss
 from ..nn import Encoder, TimmBackbone, TokenEmbedding, ViT, ViTConfig, check_token_ids, eot_pool
+from ._config import config_from_dict
 
 
 @dataclass
@@ -113,11 +114,7 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CLIPConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from ..losses import clip_loss
 from ..losses.captioning import IGNORE_INDEX
 from ..nn import AttentionPooler, Encoder, ViT, ViTConfig, check_token_ids
+from ._config import config_from_dict
 
 _POOLER_MODES = ("parallel", "single")
 
@@ -161,11 +162,7 @@ class CoCaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CoCaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CoCaConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..losses import clip_loss
 from ..nn import (Adapter, Encoder, LinearProjector, MLPProjector, ModalityTypeEmbedding, PatchEmbed, TokenEmbedding,
                   ViT, ViTConfig)
+from ._config import config_from_dict
 
 __all__ = ["FusionConfig", "FusionOutput", "EarlyFusion", "IntermediateFusion", "LateFusion", "ConnectorConfig",
            "ConnectorVQA", "DualEncoderConfig", "DualEncoder", "DualEncoderOutput"]
@@ -90,10 +91,7 @@ class FusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FusionConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown FusionConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass
@@ -330,10 +328,7 @@ class ConnectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ConnectorConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ConnectorConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class ConnectorVQA(nn.Module):
@@ -428,10 +423,7 @@ class DualEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DualEncoderConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown DualEncoderConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass

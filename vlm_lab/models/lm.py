@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._config import config_from_dict
 
 __all__ = ["CausalLMConfig", "build_causal_lm", "load_toy_lm", "load_pretrained_lm", "save_lm", "load_lm",
            "freeze", "TOY_LM_DIR"]
@@ -104,11 +106,7 @@ class CausalLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CausalLMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CausalLMConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def to_hf(self):
         """The equivalent transformers ``OPTConfig`` / ``LlamaConfig``."""

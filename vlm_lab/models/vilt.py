@@ -36,7 +36,7 @@ d width, v vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..interop import load_converted, rename_keys
 from ..losses import itm_loss, mask_tokens, mlm_loss, random_negatives, wpa_loss
 from ..nn import Encoder, ModalityTypeEmbedding, check_pixel_values, check_token_ids, get_activation
+from ._config import config_from_dict
 
 
 @dataclass
@@ -113,10 +114,7 @@ class ViLTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ViLTConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ViLTConfig fields: {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 @dataclass
