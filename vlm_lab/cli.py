@@ -1,7 +1,8 @@
-"""The `vlm-lab` command line: doctor, lab, train, eval.
+"""The `vlm-lab` command line: doctor, lab, demo, train, eval.
 
     vlm-lab doctor [--no-network-check] [--json]     versions, device, threads, offline or not, where assets live
     vlm-lab lab [--port 8888]                        JupyterLab on notebooks/, bound to 127.0.0.1, prints the URL
+    vlm-lab demo [--tab zero_shot ...] [--port P]    the Gradio demo app (vlm_lab.demos), bound to 127.0.0.1
     vlm-lab train clip --preset toy [--out DIR] [--steps N] [--batch-size B] [--seed S] [--resume]
     vlm-lab eval clip --checkpoint DIR/model.safetensors
 
@@ -211,6 +212,37 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return 0
 
 
+# -------------------------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlm_lab.demos.app import SAFE_LAUNCH, TABS
+
+    tabs = tuple(args.tab) if args.tab else TABS
+    unknown = [t for t in tabs if t not in TABS]
+    if unknown:
+        raise UsageError(f"--tab: unknown tab(s) {unknown}; expected some of {', '.join(TABS)}")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port: expected 1..65535, got {args.port}")
+    settings = {**SAFE_LAUNCH, "share": bool(args.share)}
+    if args.dry_run:
+        print(json.dumps({"tabs": list(tabs), "port": args.port, **settings}, indent=2, default=str))
+        return 0
+    from vlm_lab.demos.app import build_app, launch
+
+    if args.share:
+        print("VLM Lab: --share opens a PUBLIC gradio.live link to this app (and needs the network)", flush=True)
+    app = build_app(tabs)
+    print(f"VLM Lab: demo tabs {', '.join(tabs)}; Ctrl+C to stop", flush=True)
+    try:
+        launch(app, port=args.port, share=args.share, inline=False, prevent_thread_lock=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ train / eval
 
 
@@ -324,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebook-dir", help="folder to open (default: the repository's notebooks/)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     p.set_defaults(func=cmd_lab)
+
+    p = sub.add_parser("demo", help="start the Gradio demo app (127.0.0.1 only) and print its URL")
+    p.add_argument("--tab", action="append", help="a tab to show (repeatable; default: all): "
+                   "zero_shot, retrieval, captioning, qformer, vqa")
+    p.add_argument("--port", type=int, help="port to serve on (default: a free one)")
+    p.add_argument("--share", action="store_true", help="ALSO open a public gradio.live link (off by default)")
+    p.add_argument("--dry-run", action="store_true", help="print the tabs and launch settings instead of starting")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model on its data world and evaluate it")
     p.add_argument("model", help="registry name, e.g. clip")
