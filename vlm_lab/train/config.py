@@ -20,6 +20,7 @@ __all__ = ["TrainConfig"]
 _SCHEDULES = ("cosine", "constant")
 _ACCUM_MODES = ("mean", "cache_features")
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -70,6 +71,12 @@ class TrainConfig:
     ddp: bool | str = "auto"          # "auto": DDP when torch.distributed is initialised or under torchrun with
                                       # WORLD_SIZE > 1; True: require it; False: never wrap
     find_unused_parameters: bool = False  # passed to DistributedDataParallel (models with unused heads need True)
+    parallel: str = "ddp"             # engine when distributed: "ddp" (a full replica per rank, gradients all-reduced)
+                                      # or "fsdp" (FSDP2 fully_shard per block + root: parameters, gradients and
+                                      # AdamW state sharded over ranks; see vlm_lab.train.parallel)
+    # --- memory / speed switches (each keeps the fp32 loss within a stated tolerance, tests/test_scaling.py)
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
+    compile: bool | str = False       # torch.compile each block: True = "inductor", or a backend name ("aot_eager")
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -139,6 +146,15 @@ class TrainConfig:
             raise ValueError(f"collate_fn: expected a callable or None, got {self.collate_fn!r}")
         if self.ddp not in ("auto", True, False):
             raise ValueError(f"ddp: expected 'auto', True or False, got {self.ddp!r}")
+        if self.parallel not in _PARALLEL:
+            raise ValueError(f"parallel: expected one of {_PARALLEL}, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ValueError("precision: 'fp16' with parallel='fsdp' is not supported (the GradScaler would need "
+                             "a sharded inf check); use 'bf16'")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing: expected True or False, got {self.activation_checkpointing!r}")
+        if not (isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
+            raise ValueError(f"compile: expected True/False or a torch.compile backend name, got {self.compile!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (callables and paths as strings), stored in checkpoints."""

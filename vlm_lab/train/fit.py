@@ -459,8 +459,19 @@ class _Forward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Any, method: str = "forward") -> Any:
-        return self.model(batch) if method == "forward" else getattr(self.model, method)(batch)
+    def forward(self, batch: Any, method: str = "forward", cached: list | None = None, j: int = 0) -> Any:
+        if method == "forward":
+            return self.model(batch)
+        if method == "accumulated_loss":  # features of micro-batch j with grad, the others from the cache
+            fresh = _check_features(self.model.contrastive_features(batch), "cache_features")
+            if cached:
+                if set(fresh) != set(cached[j]):
+                    raise ValueError("cache_features: contrastive_features returned different keys with and "
+                                     f"without grad: {sorted(fresh)} vs {sorted(cached[j])}")
+                fresh = {key: torch.cat([fresh[key] if i == j else c[key] for i, c in enumerate(cached)])
+                         for key in fresh}  # (k m, ...) full accumulated batch, grad through chunk j
+            return self.model.contrastive_loss(fresh)
+        return getattr(self.model, method)(batch)
 
 
 def _loss_terms(out: Any, where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -550,13 +561,26 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
     t_start = time.perf_counter()
     rank, world = D.rank(), D.world_size()
     is_main = rank == 0
-    use_ddp = cfg.ddp is not False and D.is_distributed() and world > 1
+    use_dist = cfg.ddp is not False and D.is_distributed() and world > 1
+    use_ddp = use_dist and cfg.parallel == "ddp"
+    use_fsdp = use_dist and cfg.parallel == "fsdp"
+    if use_fsdp and eval_fn is not None:
+        raise ValueError("eval_fn: not supported with parallel='fsdp' (the weights are sharded); evaluate the saved "
+                         "checkpoint with load_model / load_checkpoint instead")
     device = resolve_device(cfg.device)
     amp_dtype = _precision(cfg.precision, device)
     seed_everything(cfg.seed + rank)
 
     raw.to(device)
     raw.train()
+    from vlm_lab.train import parallel as P
+    from vlm_lab.train.checkpoint import _registry_name
+
+    model_name = _registry_name(raw)  # before FSDP2 swaps the class for FSDP<Class>
+    if cfg.activation_checkpointing:
+        P.apply_activation_checkpointing(raw)
+    if cfg.compile:
+        P.compile_blocks(raw, backend="inductor" if cfg.compile is True else cfg.compile)
     stream = _Stream(data, cfg, rank, world)
     k = cfg.grad_accum
     if cfg.steps is not None:
@@ -571,13 +595,6 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
         if cfg.warmup_steps > total:
             raise ValueError(f"warmup_steps: {cfg.warmup_steps} is more than the {total} steps of {cfg.epochs} epoch(s)")
 
-    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    schedule = dict(total_steps=total, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                    min_lr_ratio=cfg.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    step, last_saved, last_ckpt = 0, -1, None
     resume_from = None
     if isinstance(cfg.resume, (str, os.PathLike)) and not isinstance(cfg.resume, bool):
         resume_from = Path(cfg.resume)
@@ -588,8 +605,33 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
         if resume_from is None:
             warnings.warn(f"resume: no step_*.safetensors checkpoint in {cfg.out_dir}; starting from scratch",
                           stacklevel=3)
+
+    fwd: nn.Module = _Forward(raw)
+    if use_fsdp:
+        if resume_from is not None:  # full weights into the unsharded model; sharding then keeps each rank's part
+            load_checkpoint(resume_from, raw)
+        _, replicated = P.shard_fsdp(fwd, raw)  # blocks, then the root wrapper (its __call__ unshards the root's own parameters)
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    schedule = dict(total_steps=total, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                    min_lr_ratio=cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, **schedule))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    step, last_saved, last_ckpt = 0, -1, None
     if resume_from is not None:
-        st = load_checkpoint(resume_from, raw, optimizer, scheduler)
+        if use_fsdp:
+            from vlm_lab.train.checkpoint import _read_tensors, read_metadata
+
+            meta = read_metadata(resume_from)
+            P.load_sharded_optimizer(resume_from, fwd, optimizer)
+            if meta.get("scheduler") is None:
+                raise ValueError(f"resume: {resume_from} has no scheduler state")
+            scheduler.load_state_dict(meta["scheduler"])
+            st = dict(meta.get("state", {}))
+            st["rng_tensors"] = {k[len("rng/"):]: v for k, v in _read_tensors(resume_from).items()
+                                 if k.startswith("rng/")} if rank == 0 else {}
+        else:
+            st = load_checkpoint(resume_from, raw, optimizer, scheduler)
         if "step" not in st or "data_epoch" not in st:
             raise ValueError(f"resume: {resume_from} is a weights-only checkpoint (no training state); load it with "
                              "load_checkpoint(path, model) and start a new run instead")
@@ -610,7 +652,6 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
         else:
             seed_everything((cfg.seed + 1_000_003 * rank + 7919 * step) % 2**63)
 
-    fwd: nn.Module = _Forward(raw)
     if use_ddp:
         fwd = nn.parallel.DistributedDataParallel(
             fwd, device_ids=[device.index] if device.type == "cuda" else None,
@@ -622,17 +663,24 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
     def sync_context(j: int):
+        if use_fsdp:  # FSDP2: accumulate unsharded gradients, reduce-scatter on the last micro-batch only
+            fwd.set_requires_gradient_sync(j == k - 1)
         return fwd.no_sync() if use_ddp and j < k - 1 else contextlib.nullcontext()
 
     def save(at: int) -> Path | None:
-        if cfg.out_dir is None or not is_main:
+        if cfg.out_dir is None:
+            return None
+        model_out, optim_out = raw, optimizer
+        if use_fsdp:  # a collective: every rank sends its shards, rank 0 receives the full state
+            model_out, optim_out = P.gather_full_state(fwd, raw, optimizer)
+        if not is_main:
             return None
         rng_tensors, rng_plain = _rng_snapshot()
         state = {"step": at, "data_epoch": stream.epoch, "data_index": stream.index, "rng": rng_plain,
-                 "train_config": cfg.to_dict(), "world_size": world,
+                 "train_config": cfg.to_dict(), "world_size": world, "parallel": cfg.parallel if use_dist else None,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-        path = save_checkpoint(checkpoint_path(cfg.out_dir, at), raw, optimizer, scheduler, state,
-                               rng_tensors=rng_tensors)
+        path = save_checkpoint(checkpoint_path(cfg.out_dir, at), model_out, optim_out, scheduler, state,
+                               rng_tensors=rng_tensors, model_name=model_name)
         if cfg.keep_last is not None:
             old = sorted(p for p in Path(cfg.out_dir).glob("step_*.safetensors") if p != path)
             for p in old[:max(0, len(old) - (cfg.keep_last - 1))]:
@@ -678,20 +726,14 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
                     with sync_context(0):
                         with autocast():
                             full = {key: torch.cat([c[key] for c in cached]) for key in cached[0]}  # (k m, ...)
-                            direct, _ = _loss_terms(raw.contrastive_loss(full), "model.contrastive_loss(features)")
+                            direct, _ = _loss_terms(fwd(full, "contrastive_loss"), "model.contrastive_loss(features)")
                         if direct.requires_grad:
                             scaler.scale(direct * -(k - 1)).backward()
                 for j, batch in enumerate(micro):
                     with sync_context(j):
-                        with autocast():
-                            fresh = _check_features(fwd(batch, "contrastive_features"), "cache_features")
-                            if k > 1:
-                                if set(fresh) != set(cached[j]):
-                                    raise ValueError("cache_features: contrastive_features returned different keys "
-                                                     f"with and without grad: {sorted(fresh)} vs {sorted(cached[j])}")
-                                fresh = {key: torch.cat([fresh[key] if i == j else cached[i][key] for i in range(k)])
-                                         for key in fresh}  # (k m, ...) full accumulated batch, grad through chunk j
-                            loss, terms = _loss_terms(raw.contrastive_loss(fresh), "model.contrastive_loss(features)")
+                        with autocast():  # the loss runs inside the wrapper's forward (FSDP2 needs the root call)
+                            loss, terms = _loss_terms(fwd(batch, "accumulated_loss", cached, j),
+                                                      "model.contrastive_loss(features)")
                         scaler.scale(loss).backward()
                     logged_loss, logged_terms = loss.detach().float(), terms  # same full-batch value for every j
             else:
@@ -704,11 +746,15 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
                     for name, v in terms.items():
                         logged_terms[name] = logged_terms.get(name, 0.0) + v.to(device) / k
 
+            if use_fsdp:
+                P.average_replicated_grads(replicated)  # 0-dim parameters (logit_scale) FSDP2 cannot shard
             grad_norm = None
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                    grad_norm = grad_norm.full_tensor()
             scaler.step(optimizer)
             scaler.update()
             with warnings.catch_warnings():  # fp16: a step the GradScaler skipped (inf/nan grads) still advances the
@@ -740,7 +786,7 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
                 if hasattr(cb, "on_step_end"):
                     cb.on_step_end(state)
             stop = state.should_stop
-            if use_ddp:  # every rank must agree to stop, or the others would wait forever
+            if use_dist:  # every rank must agree to stop, or the others would wait forever
                 flag = torch.tensor([1.0 if stop else 0.0], device=device)
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                 stop = bool(flag.item() > 0)
