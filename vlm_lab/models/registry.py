@@ -18,6 +18,7 @@ from .clip import CLIP, CLIPConfig
 from .coca import CoCa, CoCaConfig
 from .fusion import (ConnectorConfig, ConnectorVQA, DualEncoder, DualEncoderConfig, EarlyFusion, FusionConfig,
                      IntermediateFusion, LateFusion)
+from .llava import LLaVA, LLaVAConfig
 from .vilt import ViLT, ViLTConfig
 from .vlmo import VLMo, VLMoConfig
 
@@ -33,6 +34,7 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
     "late_fusion": (LateFusion, FusionConfig),
     "connector_vqa": (ConnectorVQA, ConnectorConfig),
     "dual_encoder": (DualEncoder, DualEncoderConfig),
+    "llava": (LLaVA, LLaVAConfig),
     "vilt": (ViLT, ViLTConfig),
     "vlmo": (VLMo, VLMoConfig),
 }
