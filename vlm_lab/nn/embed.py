@@ -72,6 +72,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         check_pixel_values(pixel_values, self.image_size, self.channels)
+        weight = self.proj.weight
+        if pixel_values.dtype != weight.dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+            raise TypeError(f"pixel_values has dtype {pixel_values.dtype} but the model's weights are {weight.dtype}; "
+                            f"convert with pixel_values.to({weight.dtype}) (or use autocast)")
         x = self.proj(pixel_values)  # (b, d, g, g)
         return x.flatten(2).transpose(1, 2)  # (b, d, g, g) -> (b, g*g, d)
 
