@@ -4,6 +4,7 @@
     vlm-lab lab [--port 8888]                        JupyterLab on notebooks/, bound to 127.0.0.1, prints the URL
     vlm-lab demo [--tab zero_shot ...] [--port P]    the Gradio demo app (vlm_lab.demos), bound to 127.0.0.1
     vlm-lab train clip --preset toy [--out DIR] [--steps N] [--batch-size B] [--seed S] [--resume]
+    vlm-lab train CONFIG.toml [--set train.steps=50 ...]   (a run config; see vlm_lab.train.run)
     vlm-lab eval clip --checkpoint DIR/model.safetensors
 
 `train` and `eval` look the model up in `vlm_lab.train.recipes` (which pairs a registry model with its data world,
@@ -267,6 +268,14 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from vlm_lab.train.run import CONFIGS
+
+    if args.model in CONFIGS or args.model.endswith((".toml", ".json")):  # a run config (chapter 10)
+        from vlm_lab.train.run import main as run_main
+
+        return run_main([args.model] + [f"--set={s}" for s in (args.set or [])])
+    if args.set:
+        raise UsageError("--set: only with a run config (vlm-lab train CONFIG.toml --set train.steps=50)")
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag}: expected a positive integer, got {value}")
@@ -366,13 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model on its data world and evaluate it")
-    p.add_argument("model", help="registry name, e.g. clip")
+    p.add_argument("model", help="registry name, e.g. clip; or a run config (.toml / .json, or clip-toy): "
+                                 "python -m vlm_lab.train CONFIG, also under torchrun")
     p.add_argument("--preset", default="toy", help="model/data size preset (default: toy)")
     p.add_argument("--out", help="output folder (default: runs/MODEL-PRESET)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="with a run config (MODEL = a .toml/.json file or a built-in name such as clip-toy): "
+                        "override a value, e.g. --set train.parallel=fsdp")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained checkpoint")

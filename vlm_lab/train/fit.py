@@ -461,7 +461,7 @@ class _Forward(nn.Module):
 
     def forward(self, batch: Any, method: str = "forward", cached: list | None = None, j: int = 0) -> Any:
         if method == "forward":
-            return self.model(batch)
+            return _no_view(self.model(batch))
         if method == "accumulated_loss":  # features of micro-batch j with grad, the others from the cache
             fresh = _check_features(self.model.contrastive_features(batch), "cache_features")
             if cached:
@@ -470,8 +470,14 @@ class _Forward(nn.Module):
                                      f"without grad: {sorted(fresh)} vs {sorted(cached[j])}")
                 fresh = {key: torch.cat([fresh[key] if i == j else c[key] for i, c in enumerate(cached)])
                          for key in fresh}  # (k m, ...) full accumulated batch, grad through chunk j
-            return self.model.contrastive_loss(fresh)
+            return _no_view(self.model.contrastive_loss(fresh))
         return getattr(self.model, method)(batch)
+
+
+def _no_view(out: Any) -> Any:
+    """A scalar loss that is a view is cloned (FSDP2 warns that in-place ops on a root output's view would drop its
+    pre-backward hook; fit never does that, and a copy of a scalar is free)."""
+    return out.clone() if isinstance(out, torch.Tensor) and out._base is not None else out
 
 
 def _loss_terms(out: Any, where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
