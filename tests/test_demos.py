@@ -122,18 +122,15 @@ def test_qformer_tab(client, images):
     assert grid.shape[0] == 2 * (64 + 4) and grid.shape[1] == 4 * (64 + 4)  # 8 queries, 4 per row
 
 
-def test_vqa_tab_reports_missing_model(client, images):
-    try:
-        import vlm_lab.models.llava as llava  # noqa: F401
-        has_chat = hasattr(llava, "chat") and hasattr(llava, "load_toy")
-    except ImportError:
-        has_chat = False
-    if has_chat:
-        answer = client.predict(handle_file(str(images / "tile.jpg")), "What type of tissue is shown?", api_name="/vqa")
-        assert isinstance(answer, str) and answer
-    else:
-        with pytest.raises(Exception, match="llava|LLaVA"):
-            client.predict(handle_file(str(images / "tile.jpg")), "What type of tissue is shown?", api_name="/vqa")
+def test_vqa_tab(client, images):
+    answer = client.predict(handle_file(str(images / "tile.jpg")), "What type of tissue is shown in this patch?",
+                            api_name="/vqa")
+    assert "adenocarcinoma" in answer  # the sample is a tumour tile (TUM)
+    history, box = client.predict(handle_file(str(images / "tile.jpg")), "What type of tissue is shown in this patch?",
+                                  [], api_name="/vqa_chat")
+    assert box == "" and [m["role"] for m in history] == ["user", "assistant"]
+    with pytest.raises(Exception, match="question: empty"):
+        client.predict(handle_file(str(images / "tile.jpg")), "  ", api_name="/vqa")
 
 
 @pytest.mark.parametrize("name", ["notes.png", "truncated.png"])

@@ -16,7 +16,7 @@ model the learner passes in:
 - ``qformer``    a BLIP-2 toy (stage 2, built from ``BLIP2Config.toy`` with a fixed seed: the *dimensions* are the
   lesson; pass a trained one with ``show("qformer", model=...)``): the shapes table from image to LLM input
   (``vlm_lab.inspect.trace``) and each learned query's cross-attention map over the image patches;
-- ``vqa``        pathology VQA chat with a LLaVA model, when ``vlm_lab.models.llava`` provides ``chat``.
+- ``vqa``        pathology VQA chat with the toy Quilt-LLaVA (``assets/llava-toy``, ``vlm_lab.train.llava.chat``).
 
 Secure defaults (``SAFE_LAUNCH``; ``ecosystem-facts.md`` section 3): bound to 127.0.0.1, ``share=False`` unless
 asked explicitly, analytics / monitoring / MCP / PWA off, ``strict_cors``, no extra ``allowed_paths``, uploads capped
@@ -47,7 +47,7 @@ from .images import LIMITS, ImageError, check_image, load_image, to_model_input 
 
 __all__ = ["TABS", "SAFE_LAUNCH", "QUEUE_SIZE", "DemoModels", "build_app", "launch", "show", "close_all",
            "free_port", "assets_dir", "zero_shot", "retrieve_images", "retrieve_texts", "caption", "qformer_trace",
-           "vqa_answer", "DemoError"]
+           "vqa_answer", "vqa_chat", "DemoError"]
 
 TABS: tuple[str, ...] = ("zero_shot", "retrieval", "captioning", "qformer", "vqa")
 TAB_TITLES = {"zero_shot": "Zero-shot", "retrieval": "Retrieval", "captioning": "Captioning",
@@ -145,18 +145,18 @@ class DemoModels:
 
     def get_llava(self) -> tuple[nn.Module, Any, Callable]:
         try:
-            from vlm_lab.models import llava as llava_module
+            from vlm_lab.train.llava import chat, load_toy
         except ImportError:
-            raise DemoError("the VQA tab needs vlm_lab.models.llava (chapter 09), which this checkout lacks") from None
-        chat = getattr(llava_module, "chat", None)
-        if chat is None:
-            raise DemoError("vlm_lab.models.llava has no chat(model, tokenizer, image, question) function yet")
+            raise DemoError("the VQA tab needs vlm_lab.train.llava (chapter 09), which this checkout lacks") from None
         with self._lock:
             if self.llava is None:
-                loader = getattr(llava_module, "load_toy", None)
-                if loader is None:
-                    raise DemoError("no LLaVA toy checkpoint to load; pass one with show('vqa', model=..., tokenizer=...)")
-                self.llava, self.llava_tokenizer = loader()
+                try:
+                    self.llava, self.llava_tokenizer = load_toy("stage2", assets_dir() / "llava-toy")
+                except FileNotFoundError as err:
+                    raise DemoError(f"no LLaVA toy checkpoint: {err}; or pass one with "
+                                    "show('vqa', model=..., tokenizer=...)") from None
+            if self.llava_tokenizer is None:
+                raise DemoError("the VQA tab needs the LLaVA model's tokenizer: show('vqa', model=..., tokenizer=...)")
             return self.llava, self.llava_tokenizer, chat
 
 
@@ -400,11 +400,25 @@ def _heatmap_grid(maps: torch.Tensor, cell: int = 64, cols: int = 4) -> np.ndarr
     return out
 
 
+@torch.no_grad()
 def vqa_answer(models: DemoModels, image: Any, question: str) -> str:
-    """One answer from the LLaVA chat (``vlm_lab.models.llava.chat``)."""
+    """One answer of the LLaVA chat (``vlm_lab.train.llava.chat``, greedy) about ``image``."""
     question = _check_query(question, "question")
     model, tokenizer, chat = models.get_llava()
-    return str(chat(model, tokenizer, _as_image(image), question))
+    picture = np.asarray(_as_image(image), dtype=np.uint8)  # checked RGB -> (h, w, 3)
+    return str(chat(model, tokenizer, picture, question)).strip()
+
+
+def vqa_chat(models: DemoModels, image: Any, question: str, history: list | None) -> tuple[list, str]:
+    """The chat tab: append the question and the model's answer to ``history`` (messages format); clear the box.
+
+    Each answer is conditioned on the image and the current question only (the toy was trained on single turns).
+    """
+    if history is not None and not isinstance(history, list):
+        raise DemoError(f"history: expected a list of messages, got {type(history).__name__}")
+    answer = vqa_answer(models, image, question)
+    turns = list(history or [])[-40:]  # keep the visible history bounded
+    return turns + [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": answer}], ""
 
 
 # ----------------------------------------------------------------------------------------------------- the app
@@ -532,15 +546,28 @@ def build_app(tabs: tuple[str, ...] | list[str] = TABS, models: DemoModels | Non
                     qf_run.click(bind(qformer_trace), [qf_image, qf_layer], [qf_table, qf_maps],
                                  api_name="qformer_trace")
                 elif tab == "vqa":
-                    gr.Markdown("Ask a question about a pathology image (LLaVA, chapter 09).")
+                    gr.Markdown("Ask about a pathology image (toy Quilt-LLaVA of chapter 09, `assets/llava-toy`: "
+                                "trained on synthetic H&E tiles and slides, so it answers in that small world).")
                     with gr.Row():
-                        vq_image = _image_input("image")
                         with gr.Column():
+                            vq_image = _image_input("H&E image")
+                            vq_sample = gr.Button("Load a sample tile")
+                        with gr.Column():
+                            vq_chat = gr.Chatbot(label="chat", height=300)
                             vq_question = gr.Textbox("What type of tissue is shown in this patch?",
                                                      label="question", max_length=MAX_TEXT_CHARS)
-                            vq_run = gr.Button("Ask", variant="primary")
-                            vq_answer = gr.Textbox(label="answer", interactive=False)
-                    vq_run.click(bind(vqa_answer), [vq_image, vq_question], vq_answer, api_name="vqa")
+                            with gr.Row():
+                                vq_run = gr.Button("Ask", variant="primary")
+                                vq_clear = gr.Button("Clear")
+                    vq_sample.click(lambda: _sample_image("pathology"), None, vq_image, api_name=False)
+                    vq_run.click(bind(vqa_chat), [vq_image, vq_question, vq_chat], [vq_chat, vq_question],
+                                 api_name="vqa_chat")
+                    vq_question.submit(bind(vqa_chat), [vq_image, vq_question, vq_chat], [vq_chat, vq_question],
+                                       api_name=False)
+                    vq_clear.click(lambda: [], None, vq_chat, api_name=False)
+                    vq_answer = gr.Textbox(visible=False)  # API-only endpoint /vqa: one answer, no history
+                    gr.Button(visible=False).click(bind(vqa_answer), [vq_image, vq_question], vq_answer,
+                                                   api_name="vqa")
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return app
 
