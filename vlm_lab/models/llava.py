@@ -109,7 +109,8 @@ class LLaVAConfig:
                              f"vision_heads ({self.vision_heads})")
         if not -(self.vision_layers + 1) <= self.vision_feature_layer <= self.vision_layers:
             raise ValueError(f"LLaVAConfig.vision_feature_layer must index one of the {self.vision_layers + 1} "
-                             f"hidden states (embeddings + {self.vision_layers} blocks), got {self.vision_feature_layer}")
+                             f"hidden states (embeddings + {self.vision_layers} blocks), "
+                             f"got {self.vision_feature_layer}")
         if self.vision_feature_select not in _SELECT:
             raise ValueError(f"LLaVAConfig.vision_feature_select must be one of {_SELECT}, "
                              f"got {self.vision_feature_select!r}")
@@ -402,7 +403,7 @@ class LLaVA(nn.Module):
         table = self.language_model.get_input_embeddings()
         safe = input_ids.masked_fill(input_ids == c.image_token_id, 0)  # the placeholder row is never used
         text = table(safe)  # (b, n, D)
-        rows, row_masks, row_labels = [], [], []
+        rows, row_labels = [], []
         k = 0
         for i in range(input_ids.shape[0]):
             keep = attention_mask[i].bool()
@@ -503,7 +504,8 @@ class LLaVA(nn.Module):
         a CLIP vision model and whose text model is a Llama or OPT decoder (any size)."""
         hc = getattr(hf_model, "config", None)
         if hc is None or getattr(hc, "model_type", "") != "llava":
-            raise TypeError(f"hf_model must be a transformers LlavaForConditionalGeneration, got {type(hf_model).__name__}")
+            raise TypeError("hf_model must be a transformers LlavaForConditionalGeneration, "
+                            f"got {type(hf_model).__name__}")
         v, tc = hc.vision_config, hc.text_config
         if getattr(v, "model_type", "") not in ("clip_vision_model",):
             raise ValueError(f"only CLIP vision towers are supported, got {getattr(v, 'model_type', None)!r}")
@@ -521,7 +523,8 @@ class LLaVA(nn.Module):
             vision_act=v.hidden_act, vision_ln_pre=True, vision_patch_bias=False, vision_ln_eps=v.layer_norm_eps,
             vision_feature_layer=layer, vision_feature_select=hc.vision_feature_select_strategy,
             projector_act=hc.projector_hidden_act, lm=lm,
-            tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", False) or getattr(hc, "tie_word_embeddings", False)),
+            tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", False)
+                                     or getattr(hc, "tie_word_embeddings", False)),
             image_token_id=hc.image_token_id)
         model = cls(config)
         vl = r"^model\.vision_tower\.(?:vision_model\.)?"

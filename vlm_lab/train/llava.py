@@ -8,7 +8,7 @@ The recipe of Quilt-LLaVA (Seyfioglu et al., 2024) / LLaVA-1.5, shrunk to the sy
   learns (``LLaVA.configure_stage(1)``);
 * **stage 2, visual instruction tuning** -- Quilt-Instruct-style conversations from narrated *training* slides
   (``generate_qa``: independent questions on one patch, reasoning questions across all patches of a slide) plus
-  Quilt-VQA-style closed / open questions on training slides and tiles (a 0.3 M-parameter LM cannot answer
+  Quilt-VQA-style closed / open questions on training slides and tiles (a 0.15 M-parameter LM cannot answer
   "yes"/"no" zero-shot the way a 7B one does; LLaVA-Med fine-tunes on VQA training splits for the same reason).
   Projector + LM learn (``configure_stage(2)``);
 * the **blind baseline** is the same LM tuned on the same stage-2 conversations with every image removed: it shows
@@ -43,7 +43,8 @@ from vlm_lab.models.llava import (LLaVA, LLaVAConfig, ConversationTemplate, coll
 
 __all__ = ["STAGE1_INSTRUCTIONS", "TOY_DIR", "SLIDE_KWARGS", "Sample", "to_model_px", "llava_tokenizer",
            "world_texts", "stage1_samples", "stage2_samples", "vqa_samples", "blind", "encode_samples",
-           "ConversationDataset", "LLaVACollator", "build_toy_llava", "load_toy", "answer_items", "evaluate_vqa", "chat"]
+           "ConversationDataset", "LLaVACollator", "build_toy_llava", "load_toy", "answer_items", "evaluate_vqa",
+           "chat"]
 
 #: Where ``assets/make_llava_toy.py`` writes the toy checkpoints (repository checkout).
 TOY_DIR = Path(__file__).resolve().parents[2] / "assets" / "llava-toy"
