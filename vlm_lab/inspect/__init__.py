@@ -7,3 +7,7 @@ __all__ = ["Trace", "TraceRecord", "count_flops", "count_parameters", "trace"]
 from .taxonomy import TaxonomySplit, register_taxonomy_rules, taxonomy_split  # noqa: E402
 
 __all__ += ["TaxonomySplit", "register_taxonomy_rules", "taxonomy_split"]
+
+from .budget import Budget, budget, measure_step_memory  # noqa: E402
+
+__all__ += ["Budget", "budget", "measure_step_memory"]
