@@ -23,6 +23,8 @@ from vlm_lab.data.pathology import CLASS_NAMES  # noqa: E402
 from vlm_lab.data.shapes import ShapesDataset  # noqa: E402
 from vlm_lab.demos import app as A  # noqa: E402
 
+from test_bad_inputs import BAD_FILES  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
+
 SHAPES_TRUTH = ShapesDataset("heldout", n=1, seed=3, image_size=32)
 SHAPES_CLASS = SHAPES_TRUTH.class_names[SHAPES_TRUTH[0]["labels"]]
 
@@ -51,9 +53,6 @@ def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("images")
     Image.fromarray(A._sample_image("shapes")).save(d / "scene.png")
     Image.fromarray(A._sample_image("pathology")).save(d / "tile.jpg", quality=95)
-    (d / "notes.png").write_bytes(b"this is not an image, only text with a .png name\n" * 4)
-    full = (d / "scene.png").read_bytes()
-    (d / "truncated.png").write_bytes(full[: len(full) // 2])
     return d
 
 
@@ -133,14 +132,20 @@ def test_vqa_tab(client, images):
         client.predict(handle_file(str(images / "tile.jpg")), "  ", api_name="/vqa")
 
 
-@pytest.mark.parametrize("name", ["notes.png", "truncated.png"])
-def test_bad_uploads_are_refused_and_app_keeps_working(client, images, name):
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_uploads_are_refused_with_a_message_and_app_keeps_working(client, images, tmp_path, case):
+    """Every bad file of tests/test_bad_inputs.py, uploaded through the app: the message reaches the user."""
+    data, message = BAD_FILES[case]
+    upload = tmp_path / ("upload.svg" if case == "SVG" else "upload.png")
+    upload.write_bytes(data)
     classes, templates = A._zero_shot_defaults(A.WORLDS[0])
-    with pytest.raises(Exception):
-        client.predict(handle_file(str(images / name)), A.WORLDS[0], classes, templates, True, api_name="/zero_shot")
-    label, _ = client.predict(handle_file(str(images / "scene.png")), A.WORLDS[0], classes, templates, True,
-                              api_name="/zero_shot")
-    assert _top(label) == SHAPES_CLASS
+    with pytest.raises(Exception, match=message):
+        client.predict(handle_file(str(upload)), A.WORLDS[0], classes, templates, True, api_name="/zero_shot")
+    assert upload.read_bytes() == data
+    if case == "empty file":  # the app still answers after the refusals
+        label, _ = client.predict(handle_file(str(images / "scene.png")), A.WORLDS[0], classes, templates, True,
+                                  api_name="/zero_shot")
+        assert _top(label) == SHAPES_CLASS
 
 
 def test_bad_text_is_refused_with_a_message(client, images):

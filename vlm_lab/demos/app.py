@@ -450,10 +450,38 @@ def _sample_image(world: str) -> np.ndarray:
     return _upscale(ShapesDataset("heldout", n=1, seed=3, image_size=32).image(0), 4)
 
 
-def _image_input(label: str) -> Any:
+@functools.cache
+def _upload_image_class() -> type:
+    import base64
+
     import gradio as gr
 
-    return gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], image_mode=None, height=220)
+    class UploadedImage(gr.Image):
+        """``gr.Image`` (same widget: ``is_template`` keeps the frontend's image component) whose upload reaches the
+        tab function undecoded -- the path of the file in Gradio's upload cache, or the bytes of a pasted data URL --
+        so that ``load_image`` is the only code that parses it and every refusal gets its message."""
+
+        is_template = True
+
+        def preprocess(self, payload: Any) -> str | bytes | None:
+            if payload is None:
+                return None
+            url = getattr(payload, "url", None) or ""
+            if url.startswith("data:"):
+                header, _, data = url.partition(",")
+                if ";base64" not in header or len(data) > LIMITS.max_bytes * 4 // 3 + 4:
+                    return b""  # refused by load_image: "the file is empty"
+                try:
+                    return base64.b64decode(data, validate=True)
+                except ValueError:
+                    return b""
+            return None if payload.path is None else str(payload.path)
+
+    return UploadedImage
+
+
+def _image_input(label: str) -> Any:
+    return _upload_image_class()(label=label, type="filepath", sources=["upload", "clipboard"], height=220)
 
 
 def build_app(tabs: tuple[str, ...] | list[str] = TABS, models: DemoModels | None = None) -> Any:
