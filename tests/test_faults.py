@@ -190,6 +190,27 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint_and_resum
     assert any(n for *_, n in outcomes), "no kill landed inside a write; the test did not test anything"
 
 
+def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(job, tmp_path):
+    """A NaN sample at step 4: fit raises FloatingPointError naming the step; the checkpoints on disk are those of
+    steps 2-3 (keep_last=2), finite, and loadable."""
+    from vlm_lab.train import fit
+
+    data = job.Data()
+    data.x = data.x.clone()
+    data.x[25, 2] = float("nan")  # one poisoned sample in the 4th batch (shuffle=False: items 24..31)
+    config = job.config(6, out_dir=tmp_path)
+    config.shuffle = False
+    torch.manual_seed(0)
+    with pytest.raises(FloatingPointError, match="step 4"):
+        fit(job.Regressor(), data, config)
+    files = sorted(p.name for p in tmp_path.glob("step_*.safetensors"))
+    assert files == ["step_00000002.safetensors", "step_00000003.safetensors"], files
+    for name in files:
+        model = job.Regressor()
+        load_checkpoint(tmp_path / name, model)
+        assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
 # ------------------------------------------------------------------------------------- refused checkpoint files
 
 def _refused_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
