@@ -213,3 +213,33 @@ def test_upload_helpers_accept_and_normalise():
     assert img.mode == "RGB" and img.size == (50, 40)
     x = A.to_model_input(img, 32)
     assert tuple(x.shape) == (1, 3, 32, 32)
+
+
+def test_zero_shot_tab_defaults_to_the_world_of_a_given_coca(models):
+    coca, tok = models.get_coca()
+    app = A.build_app(("zero_shot",), A.DemoModels(coca=coca, coca_tokenizer=tok))
+    radios = [c for c in app.config["components"] if c["type"] == "radio"]
+    assert radios and radios[0]["props"]["value"] == A.WORLDS[1]
+
+
+def test_ipywidgets_versions_classify_trace_and_refuse():
+    pytest.importorskip("ipywidgets")
+    import datetime
+
+    from vlm_lab.demos.widgets import qformer_widget, zero_shot_widget
+
+    box = zero_shot_widget()
+    parts = box.parts
+    parts["sample"].click()
+    parts["run"].click()
+    assert f">{SHAPES_CLASS}<" in parts["result"].value.split("</tr>")[0]  # the top row is the true class
+    parts["upload"].value = ({"name": "x.png", "type": "image/png", "size": 12, "content": memoryview(b"not an image"),
+                              "last_modified": datetime.datetime.now()},)
+    parts["run"].click()
+    assert "refused" in parts["result"].value and "not a readable image" in parts["result"].value
+    trace = qformer_widget()
+    trace.parts["run"].click()
+    assert "no image" in trace.parts["table"].value
+    trace.parts["sample"].click()
+    trace.parts["run"].click()
+    assert "qformer.layers.0" in trace.parts["table"].value and trace.parts["maps"].value[:4] == b"\x89PNG"

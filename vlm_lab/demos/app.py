@@ -502,12 +502,13 @@ def build_app(tabs: tuple[str, ...] | list[str] = TABS, models: DemoModels | Non
         for tab in tabs:
             with gr.Tab(TAB_TITLES[tab], id=tab):
                 if tab == "zero_shot":
-                    classes0, templates0 = _zero_shot_defaults(WORLDS[0])
+                    world0 = WORLDS[1] if models.coca is not None and models.clip is None else WORLDS[0]
+                    classes0, templates0 = _zero_shot_defaults(world0)
                     with gr.Row():
                         with gr.Column():
                             zs_image = _image_input("image")
                             zs_sample = gr.Button("Load a sample scene")
-                            zs_world = gr.Radio(list(WORLDS), value=WORLDS[0], label="model / world")
+                            zs_world = gr.Radio(list(WORLDS), value=world0, label="model / world")
                         with gr.Column():
                             zs_classes = gr.Textbox(classes0, lines=6, label="class names (one per line)",
                                                     max_length=MAX_CLASSES * (MAX_TEXT_CHARS + 1))
