@@ -471,12 +471,14 @@ class _Forward(nn.Module):
                 fresh = {key: torch.cat([fresh[key] if i == j else c[key] for i, c in enumerate(cached)])
                          for key in fresh}  # (k m, ...) full accumulated batch, grad through chunk j
             return _no_view(self.model.contrastive_loss(fresh))
-        return getattr(self.model, method)(batch)
+        return _no_view(getattr(self.model, method)(batch))
 
 
 def _no_view(out: Any) -> Any:
-    """A scalar loss that is a view is cloned (FSDP2 warns that in-place ops on a root output's view would drop its
+    """A loss or feature tensor that is a view is cloned (FSDP2 warns that in-place ops on a root output's view would drop its
     pre-backward hook; fit never does that, and a copy of a scalar is free)."""
+    if isinstance(out, Mapping):
+        return {k: _no_view(v) for k, v in out.items()}
     return out.clone() if isinstance(out, torch.Tensor) and out._base is not None else out
 
 
