@@ -201,6 +201,39 @@ def test_bad_token_ids_leave_the_model_unchanged(clip, case):
     assert _same(clip, before)
 
 
+BAD_MASKS = {
+    "all padding": (torch.zeros(1, 5, dtype=torch.long), "mask out every token"),
+    "values other than 0 / 1": (torch.full((1, 5), 7), "only 0"),
+    "shape of other ids": (torch.ones(1, 6, dtype=torch.long), "shape of input_ids"),
+    "not a tensor": ([[1, 1, 1, 1, 1]], "torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("model_name", ["clip", "coca"])
+@pytest.mark.parametrize("case", list(BAD_MASKS))
+def test_bad_attention_masks_are_refused(model_name, case):
+    model = _toy(model_name)
+    before = _state(model)
+    mask, message = BAD_MASKS[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        model.encode_text(torch.ones(1, 5, dtype=torch.long), mask)
+    assert _same(model, before)
+
+
+def test_bad_decoding_settings_in_the_model_api():
+    coca = _toy("coca")
+    px = torch.zeros(1, 3, 32, 32)
+    for kwargs, message in (({"method": "nucleus", "temperature": float("nan")}, "temperature"),
+                            ({"method": "nucleus", "temperature": 0.0}, "temperature"),
+                            ({"method": "nucleus", "top_p": float("nan")}, "top_p"),
+                            ({"method": "beam", "num_beams": 0}, "num_beams"),
+                            ({"method": "topk"}, "method"), ({"max_new_tokens": 0}, "max_new_tokens"),
+                            ({"bos_token_id": -1}, "bos_token_id")):
+        kwargs = {"bos_token_id": 2, "eos_token_id": 3, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            coca.generate(px, **kwargs)
+
+
 def test_unknown_presets_models_and_config_keys():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         build_model("clip", "huge")
@@ -225,8 +258,9 @@ def test_unknown_presets_models_and_config_keys():
 def test_empty_and_overlong_text_in_the_eval_api(clip):
     tok = shapes_tokenizer(model_max_length=17)
     before = _state(clip)
-    for texts, message in (([], "non-empty"), ("a red circle", "non-empty"), (["a red circle", "  "], "empty")):
-        with pytest.raises(ValueError, match=message):
+    for texts, message in (([], "non-empty"), ("a red circle", "non-empty"), (["a red circle", "  "], "empty"),
+                           (None, "list of strings"), ([1, 2], "strings only")):
+        with pytest.raises((ValueError, TypeError), match=message):
             encode_texts(clip, tok, texts)
     with pytest.raises(ValueError, match="at most 17"):  # no silent truncation: the model refuses 30 tokens
         encode_texts(clip, tok, ["a red circle " * 10])

@@ -35,9 +35,14 @@ def _model_device(model: nn.Module) -> torch.device:
 def encode_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 256,
                  max_length: int | None = None) -> Tensor:
     """Encode ``texts`` with ``model.encode_text`` -> ``(len(texts), d)`` L2-normalised embeddings."""
-    if isinstance(texts, str) or not len(texts):
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a non-empty list of strings, got {type(texts).__name__}")
+    if not len(texts):
         raise ValueError("texts must be a non-empty list of strings")
-    if any(not isinstance(t, str) or not t.strip() for t in texts):
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must contain strings only, got {type(bad[0]).__name__} {bad[0]!r}")
+    if any(not t.strip() for t in texts):
         raise ValueError("texts must not contain empty captions")
     device = _model_device(model)
     out = []

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..interop import load_converted, rename_keys
 from ..losses import clip_loss
 from ..nn import Encoder, TimmBackbone, TokenEmbedding, ViT, ViTConfig, check_token_ids, eot_pool
+from ..nn.embed import check_attention_mask
 from ._config import config_from_dict
 
 
@@ -198,9 +199,7 @@ class CLIP(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None, normalize: bool = True) -> Tensor:
         """``(b, n)`` token ids (with [EOT]) -> ``(b, d_e)`` text embeddings (L2-normalised by default)."""
         check_token_ids(input_ids, self.config.vocab_size, self.config.context_length)
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        check_attention_mask(attention_mask, input_ids)
         hidden = self.text(input_ids, attention_mask)  # (b, n, d_t)
         emb = self.text_projection(self.text.pool(hidden, input_ids))  # (b, d_e)
         return F.normalize(emb, dim=-1) if normalize else emb

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from ..losses import clip_loss
 from ..losses.captioning import IGNORE_INDEX
 from ..nn import AttentionPooler, Encoder, ViT, ViTConfig, check_token_ids
+from ..nn.embed import check_attention_mask
 from ._config import config_from_dict
 
 _POOLER_MODES = ("parallel", "single")
@@ -221,9 +222,8 @@ class UnimodalTextEncoder(nn.Module):
         check_token_ids(input_ids, c.vocab_size, c.context_length)
         if attention_mask is None:
             attention_mask = (input_ids != c.pad_token_id).long()
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
+        else:
+            check_attention_mask(attention_mask, input_ids)
         b, n = input_ids.shape
         x = self.token(input_ids)  # (b, n, d)
         if not with_cls:  # causal: the text rows never see [CLS], so dropping it leaves them unchanged

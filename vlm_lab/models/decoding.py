@@ -29,6 +29,8 @@ Shape letters: b inputs, r rows scored at once (b or b * num_beams), t tokens so
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -107,10 +109,11 @@ def nucleus(next_logits: NextLogits, start_ids: Tensor, *, top_p: float = 0.9, t
             generator: torch.Generator | None = None) -> Tensor:
     """Nucleus (top-p) sampling at ``temperature``."""
     _check(start_ids, max_new_tokens, min_new_tokens, repetition_penalty)
-    if not 0.0 < top_p <= 1.0:
+    if not 0.0 < top_p <= 1.0:  # (False for NaN too)
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use method='greedy' for temperature 0), got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 (use method='greedy' for temperature 0), "
+                         f"got {temperature}")
 
     def pick(logits: Tensor) -> Tensor:
         probs = (logits / temperature).softmax(-1)  # (r, V)

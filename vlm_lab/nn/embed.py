@@ -38,6 +38,27 @@ def check_pixel_values(pixel_values: Tensor, image_size: int | None, channels: i
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def check_attention_mask(attention_mask: Tensor | None, input_ids: Tensor, name: str = "attention_mask") -> None:
+    """Raise a clear error unless ``attention_mask`` is None or a ``(b, n)`` mask of 0 / 1 shaped like
+    ``input_ids`` with at least one 1 per row (an all-padding row would be encoded into a meaningless vector)."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if attention_mask.device.type == "meta" or not attention_mask.numel():
+        return
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), got values "
+                         f"{sorted(set(attention_mask.flatten().tolist()))[:5]}")
+    empty = (attention_mask.sum(dim=-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{name}: row(s) {empty[:5]} mask out every token (an empty caption); give each row at "
+                         "least one token")
+
+
 def check_token_ids(input_ids: Tensor, vocab_size: int, max_length: int | None = None,
                     name: str = "input_ids") -> None:
     """Raise a clear error unless ``input_ids`` is an integer ``(b, n)`` tensor with ids in ``[0, vocab_size)``."""
