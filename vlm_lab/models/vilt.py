@@ -28,7 +28,17 @@ Matches the reference ``dandelin/ViLT`` (``vilt/modules/vilt_module.py``, ``visi
 - **ITM negatives** come from the other rows of the batch (``losses.random_negatives``); ViLT draws a
   random image from the dataset, the same distribution for a shuffled batch;
 - the MLM decoder is untied from the word embeddings, as in the original (transformers 5 ties them);
-- the optional ``rank_head`` is HF's ``ViltForImageAndTextRetrieval.rank_output`` (single logit).
+- the optional ``rank_head`` is HF's ``ViltForImageAndTextRetrieval.rank_output`` (single logit);
+- ``mlm_weight = 0`` skips the MLM pass (``mlm_logits`` / ``mlm_labels`` are then None).
+
+**Training from scratch (toy scale).** ViLT initialises its transformer from ImageNet ViT-B/32 weights; from a
+random initialisation with ITM + MLM + WPA together, ITM stays at chance (held-out accuracy ~0.5 after 600-1000
+steps on the shapes world) while ITM alone leaves chance after ~200-300 steps. The cause is the balance of
+gradients on the shared transformer: at initialisation the MLM gradient is ~140x the ITM gradient (ITM sits on
+the ln 2 plateau and reaches the trunk only through the small pooler and ITM head), so under Adam's
+per-parameter scaling the ITM share of every update is ~1 %, and MLM settles on its text-only solution (the
+language prior) first. The toy recipe (``assets/make_vilt_toy.py``) is a labelled curriculum: ITM + WPA alone
+for 400 steps, then the paper's ITM + MLM + WPA; see notebook 03, section 5.
 
 Shape letters: b batch, m text tokens, n image tokens (patches kept), g_h / g_w patch grid, P = g_h g_w,
 d width, v vocabulary.
@@ -140,8 +150,8 @@ class ViLTOutput:
     loss_wpa: Tensor  # scalar word-patch alignment (already times wpa_weight)
     itm_logits: Tensor  # (b, 2) column 1 = "match"
     itm_labels: Tensor  # (b,) 1 for true pairs
-    mlm_logits: Tensor  # (b, m, v)
-    mlm_labels: Tensor  # (b, m) original ids at chosen positions, -100 elsewhere
+    mlm_logits: Tensor | None  # (b, m, v); None when mlm_weight == 0 (the MLM pass is skipped)
+    mlm_labels: Tensor | None  # (b, m) original ids at chosen positions, -100 elsewhere; None likewise
 
 
 class TextEmbeddings(nn.Module):
@@ -321,14 +331,18 @@ class ViLT(nn.Module):
         am = batch.get("attention_mask")
         am = torch.ones_like(ids) if am is None else am
         pm = batch.get("pixel_mask")
-        # MLM: masked caption + its own image
-        masked, mlm_labels = mask_tokens(
-            ids, mask_token_id=c.mask_token_id, vocab_size=c.vocab_size, special_token_ids=c.special_token_ids,
-            attention_mask=am, mlm_probability=c.mlm_probability,
-            word_starts=batch.get("word_starts") if c.whole_word_masking else None)
-        mlm_fusion = self.fuse(masked, px, am, pixel_mask=pm)
-        mlm_logits = self.mlm_head(mlm_fusion.text_feats)  # (b, m, v)
-        loss_mlm = mlm_loss(mlm_logits, mlm_labels)
+        # MLM: masked caption + its own image (skipped when mlm_weight == 0, e.g. the toy ITM warm-up stage)
+        if c.mlm_weight > 0:
+            masked, mlm_labels = mask_tokens(
+                ids, mask_token_id=c.mask_token_id, vocab_size=c.vocab_size, special_token_ids=c.special_token_ids,
+                attention_mask=am, mlm_probability=c.mlm_probability,
+                word_starts=batch.get("word_starts") if c.whole_word_masking else None)
+            mlm_fusion = self.fuse(masked, px, am, pixel_mask=pm)
+            mlm_logits = self.mlm_head(mlm_fusion.text_feats)  # (b, m, v)
+            loss_mlm = mlm_loss(mlm_logits, mlm_labels)
+        else:
+            mlm_logits = mlm_labels = None
+            loss_mlm = px.new_zeros(())
         # ITM: half of the captions get another row's image
         image_index, itm_labels = random_negatives(ids.shape[0], group_ids=batch.get("group_ids"),
                                                    device=ids.device)
