@@ -1,13 +1,16 @@
 """Train the chapter-01 toy models and write their checkpoints + result cards into assets/chapter01/.
 
     HF_HUB_OFFLINE=1 TQDM_DISABLE=1 .venv/bin/python assets/make_chapter01.py fusion early intermediate late late_product
-    HF_HUB_OFFLINE=1 TQDM_DISABLE=1 .venv/bin/python assets/make_chapter01.py dual contrastive matching
-    HF_HUB_OFFLINE=1 TQDM_DISABLE=1 .venv/bin/python assets/make_chapter01.py connector linear mlp adapter
+    HF_HUB_OFFLINE=1 TQDM_DISABLE=1 .venv/bin/python assets/make_chapter01.py dual contrastive matching captioning
+    HF_HUB_OFFLINE=1 TQDM_DISABLE=1 .venv/bin/python assets/make_chapter01.py dual connector_linear connector_mlp \
+        connector_adapter connector_linear_random
 
 Each model is trained on one CPU thread (tiny models run fastest that way) with the recipe in ``RECIPE`` and
 saved as ``assets/chapter01/<name>.safetensors`` (vlm_lab checkpoint: registry name + config, weights only) and
-``<name>.json`` (training time, per-type accuracy on the evaluation set at several steps). The notebook
-``01_fusion_and_alignment`` loads them when present and retrains (shorter) otherwise.
+``<name>.json`` (its card: registry name, preset, config, data, seed, recipe, the command that regenerates it,
+training time, the metrics it reached under ``final``; fusion cards add per-type accuracy every 250 steps). Every
+run also refreshes ``card.json``, the index of all cards in the folder. The notebook ``01_fusion_and_alignment``
+loads the checkpoints when present and retrains them at ``VLM_LAB_SCALE=full``.
 """
 from __future__ import annotations
 
@@ -27,12 +30,33 @@ from vlm_lab.train import TrainConfig, fit
 from vlm_lab.train.checkpoint import save_checkpoint
 
 OUT = Path(__file__).resolve().parent / "chapter01"
-RECIPE = dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=200, weight_decay=0.05, grad_clip=1.0, seed=0)
-N_TRAIN, N_EVAL, IMAGE_SIZE = 64 * 3000, 1000, 32
+RECIPE = dict(steps=1200, batch_size=64, lr=1e-3, warmup_steps=120, weight_decay=0.05, grad_clip=1.0, seed=0)
+N_TRAIN, N_EVAL, IMAGE_SIZE = 64 * RECIPE["steps"], 1000, 32
+EVAL_EVERY = 250
+REGISTRY = {"EarlyFusion": "early_fusion", "IntermediateFusion": "intermediate_fusion", "LateFusion": "late_fusion",
+            "ConnectorVQA": "connector_vqa", "DualEncoder": "dual_encoder"}
+QA_DATA = {"dataset": "vlm_lab.data.questions.ShapesQADataset", "split": "train", "image_size": IMAGE_SIZE,
+           "train_seed": 0, "eval": f"{N_EVAL} questions, seed 1 (types in turn)", "tokenizer": "shapes_tokenizer()"}
+
+
+def write_card(name: str, model: torch.nn.Module, card: dict, command: str) -> None:
+    """Save the checkpoint and its card (the fields the asset tests read: model, preset, data, seed, command, final)."""
+    card = {"name": name, "model": REGISTRY[type(model).__name__], "class": type(model).__name__, "preset": "toy",
+            "config": {k: v for k, v in vars(model.config).items()}, "seed": 0, "threads": 1,
+            "command": f"HF_HUB_OFFLINE=1 TQDM_DISABLE=1 .venv/bin/python assets/make_chapter01.py {command}",
+            "parameters": sum(p.numel() for p in model.parameters()), **card}
+    save_checkpoint(OUT / f"{name}.safetensors", model, state={"card": card})
+    (OUT / f"{name}.json").write_text(json.dumps(card, indent=1))
+    index = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json")) if p.name != "card.json"}
+    (OUT / "card.json").write_text(json.dumps({
+        "about": "toy checkpoints of notebook 01 (fusion and alignment); one card per <name>.safetensors",
+        "cards": {k: {f: c.get(f) for f in ("model", "preset", "seed", "command", "train_seconds", "final")}
+                  for k, c in index.items()}}, indent=1))
 
 
 def fusion_model(kind: str, vocab_size: int) -> torch.nn.Module:
-    c = FusionConfig.toy(vocab_size=vocab_size, combine="product" if kind == "late_product" else "concat")
+    c = FusionConfig.toy(vocab_size=vocab_size, image_size=IMAGE_SIZE,
+                         combine="product" if kind == "late_product" else "concat")
     return {"early": EarlyFusion, "intermediate": IntermediateFusion, "late": LateFusion,
             "late_product": LateFusion}[kind](c)
 
@@ -59,24 +83,21 @@ def main(group: str, names: list[str]) -> None:
             return acc
         t0 = time.time()
         res = fit(model, train, TrainConfig(**RECIPE, collate_fn=collate, precision="fp32", device="cpu",
-                                            progress=False, eval_every=500, shuffle=False), eval_fn=eval_fn)
-        card = {"name": name, "model": type(model).__name__, "recipe": RECIPE, "n_train": N_TRAIN,
-                "train_seconds": round(time.time() - t0, 1), "threads": 1,
-                "parameters": sum(p.numel() for p in model.parameters()),
+                                            progress=False, eval_every=EVAL_EVERY, shuffle=False), eval_fn=eval_fn)
+        card = {"recipe": RECIPE, "data": {**QA_DATA, "n_train": N_TRAIN}, "train_seconds": round(time.time() - t0, 1),
                 "eval_steps": [h["step"] for h in res.history if "eval_all" in h], "curve": curve,
                 "final": curve[-1], "final_loss": res.final_loss}
-        save_checkpoint(OUT / f"fusion_{name}.safetensors", model, state={"card": card})
-        (OUT / f"fusion_{name}.json").write_text(json.dumps(card, indent=1))
+        write_card(f"fusion_{name}", model, card, f"fusion {name}")
         print(name, card["train_seconds"], card["final"], flush=True)
 
 
 DUAL_RECIPE = dict(steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.05, grad_clip=1.0, seed=0)
-CONNECTOR_RECIPE = dict(steps=800, batch_size=64, lr=1e-3, warmup_steps=50, weight_decay=0.05, grad_clip=1.0, seed=0)
+CONNECTOR_RECIPE = dict(steps=500, batch_size=64, lr=1e-3, warmup_steps=50, weight_decay=0.05, grad_clip=1.0, seed=0)
 
 
 @torch.no_grad()
 def dual_metrics(model: DualEncoder, batch: dict, foils: dict) -> dict:
-    """Retrieval R@1 (ITC) on ``batch`` and relational accuracy on caption-vs-foil pairs (ITC and, if any, ITM)."""
+    """Retrieval R@1 (ITC) on ``batch`` and relational accuracy on caption-vs-foil pairs (ITC; ITM and LM if any)."""
     from vlm_lab.eval import retrieval_metrics
 
     model.eval()
@@ -91,11 +112,15 @@ def dual_metrics(model: DualEncoder, batch: dict, foils: dict) -> dict:
         p_true = model.match_score(foils["pixel_values"], **foils["true"])
         p_foil = model.match_score(foils["pixel_values"], **foils["foil"])
         out["relational_itm"] = float((p_true > p_foil).float().mean())
+    if model.config.captioning:
+        l_true = model.caption_log_likelihood(foils["pixel_values"], **foils["true"])
+        l_foil = model.caption_log_likelihood(foils["pixel_values"], **foils["foil"])
+        out["relational_lm"] = float((l_true > l_foil).float().mean())
     return out
 
 
 def dual_and_connectors(tok, names: list[str]) -> None:
-    """ITC vs ITC + ITM on captions; then connectors on the frozen ITC image encoder (VQA)."""
+    """ITC vs ITC + ITM vs ITC + ITM + LM on captions; then connectors on the frozen ITC image encoder (VQA)."""
     from vlm_lab.data import ImageTextCollator, ShapesDataset, tokenize_captions
     from vlm_lab.data.questions import relation_foil
 
@@ -109,17 +134,19 @@ def dual_and_connectors(tok, names: list[str]) -> None:
              "true": tokenize_captions(tok, [p[0] for p in pairs], 24),
              "foil": tokenize_captions(tok, [p[1] for p in pairs], 24)}
     vision_state = None
-    for name in [n for n in names if n in ("contrastive", "matching")]:
+    cap_data = {"dataset": "vlm_lab.data.ShapesDataset (captions)", "split": "train", "image_size": IMAGE_SIZE,
+                "train_seed": 0, "n_train": 64 * DUAL_RECIPE["steps"],
+                "eval": "500 scenes, seed 1 (R@1 in %); relational_*: true caption vs its relation foil, two-shape scenes"}
+    for name in [n for n in names if n in ("contrastive", "matching", "captioning")]:
         torch.manual_seed(0)
-        model = DualEncoder(DualEncoderConfig.toy(vocab_size=len(tok), matching=name == "matching"))
+        model = DualEncoder(DualEncoderConfig.toy(vocab_size=len(tok), matching=name != "contrastive",
+                                                  captioning=name == "captioning"))
         t0 = time.time()
         res = fit(model, train, TrainConfig(**DUAL_RECIPE, collate_fn=cap_collate, precision="fp32", device="cpu",
                                             progress=False, shuffle=False))
-        card = {"name": name, "recipe": DUAL_RECIPE, "train_seconds": round(time.time() - t0, 1), "threads": 1,
-                "parameters": sum(p.numel() for p in model.parameters()), "final_loss": res.final_loss,
-                "final": dual_metrics(model, test_batch, foils), "n_foils": len(pairs)}
-        save_checkpoint(OUT / f"dual_{name}.safetensors", model, state={"card": card})
-        (OUT / f"dual_{name}.json").write_text(json.dumps(card, indent=1))
+        card = {"recipe": DUAL_RECIPE, "data": cap_data, "train_seconds": round(time.time() - t0, 1),
+                "final_loss": res.final_loss, "final": dual_metrics(model, test_batch, foils), "n_foils": len(pairs)}
+        write_card(f"dual_{name}", model, card, f"dual {name}")
         print(name, card["train_seconds"], card["final"], flush=True)
         if name == "contrastive":
             vision_state = model.vision.state_dict()
@@ -139,14 +166,14 @@ def dual_and_connectors(tok, names: list[str]) -> None:
         t0 = time.time()
         res = fit(model, qa_train, TrainConfig(**CONNECTOR_RECIPE, collate_fn=collate, precision="fp32",
                                                device="cpu", progress=False, shuffle=False))
-        card = {"name": name, "connector": kind, "image_encoder": "random (frozen)" if init == "random" else
-                "ITC-pretrained toy ViT (frozen)", "recipe": CONNECTOR_RECIPE,
-                "train_seconds": round(time.time() - t0, 1), "threads": 1,
+        card = {"connector": kind, "image_encoder": "random (frozen)" if init == "random" else
+                "ITC-pretrained toy ViT of dual_contrastive (frozen)", "recipe": CONNECTOR_RECIPE,
+                "data": {**QA_DATA, "n_train": 64 * CONNECTOR_RECIPE["steps"]},
+                "train_seconds": round(time.time() - t0, 1),
                 "connector_parameters": sum(p.numel() for p in model.connector.parameters()),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "final": vqa_accuracy(model, test_batches, QUESTION_TYPES), "final_loss": res.final_loss}
-        save_checkpoint(OUT / f"{name}.safetensors", model, state={"card": card})
-        (OUT / f"{name}.json").write_text(json.dumps(card, indent=1))
+        write_card(name, model, card, f"dual {name}")
         print(name, card["train_seconds"], card["final"], flush=True)
 
 

@@ -129,3 +129,77 @@ def test_registry_and_bad_input():
         cfg(combine="sum")
     with pytest.raises(ValueError, match="divisible"):
         cfg(width=35)
+
+
+@pytest.mark.parametrize("name", ["early", "intermediate", "late_concat"])
+def test_overfits_a_batch_of_direction_questions(name):
+    """The four-way relational question ("where is the red shape from the blue shape?") on real rendered scenes."""
+    from vlm_lab.data import shapes_tokenizer
+    from vlm_lab.data.questions import ANSWERS, QACollator, ShapesQADataset
+
+    tok = shapes_tokenizer()
+    ds = ShapesQADataset("train", n=12, seed=2, image_size=24, types=("relational",))
+    x = QACollator(tok, max_length=16)([ds[i] for i in range(len(ds))])
+    assert set(x["answer"]) <= {"left", "right", "above", "below"} and len(set(x["answer"])) >= 3
+    torch.manual_seed(0)
+    c = cfg(vocab_size=len(tok), max_length=16, num_answers=len(ANSWERS))
+    model = {"early": EarlyFusion, "intermediate": IntermediateFusion, "late_concat": LateFusion}[name](c)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss = model(x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, loss.item()
+    assert (model.eval()(x).logits.argmax(-1) == x["labels"]).all()
+
+
+def test_dual_encoder_captioning_term():
+    torch.manual_seed(0)
+    c = DualEncoderConfig(image_size=24, patch_size=8, width=36, heads=3, mlp_dim=37, vision_layers=1, text_layers=1,
+                          vocab_size=V, max_length=L, embed_dim=11, matching=True, captioning=True)
+    model = DualEncoder(c).eval()
+    x = batch()
+    out = model(x)
+    assert out.loss_lm is not None and out.loss_lm > 0
+    torch.testing.assert_close(out.loss, out.loss_itc + out.loss_itm + out.loss_lm)
+    _, ih = model.encode_image(x["pixel_values"], tokens=True)
+    logits = model.caption_logits(x["input_ids"], ih)
+    assert logits.shape == (4, 5, V)
+    # causal: changing the last token changes no earlier position's prediction
+    changed = x["input_ids"].clone()
+    changed[:, -1] = (changed[:, -1] + 1) % V
+    torch.testing.assert_close(model.caption_logits(changed, ih)[:, :-1], logits[:, :-1])
+    # the log-likelihood sums log p over real tokens after the first (row 0 has 3 real tokens)
+    ll = model.caption_log_likelihood(x["pixel_values"], x["input_ids"], x["attention_mask"])
+    logp = logits[0, :2].log_softmax(-1).gather(-1, x["input_ids"][0, 1:3, None]).sum()
+    assert ll.shape == (4,) and torch.allclose(ll[0], logp, atol=1e-5)
+    # the decoder sees the image: another image changes the caption scores
+    other = torch.randn_like(x["pixel_values"])
+    assert not torch.allclose(model.caption_log_likelihood(other, x["input_ids"], x["attention_mask"]), ll)
+    plain = DualEncoder(DualEncoderConfig(**{**c.__dict__, "captioning": False}))
+    assert plain(x).loss_lm is None and not hasattr(plain, "decoder")
+    with pytest.raises(ValueError, match="captioning"):
+        plain.caption_logits(x["input_ids"], ih)
+    with pytest.raises(ValueError, match="lm_weight"):
+        DualEncoderConfig(lm_weight=-1.0)
+
+
+def test_sincos_position_start():
+    from vlm_lab.models.fusion import sincos_2d
+
+    table = sincos_2d(3, 8)
+    assert table.shape == (9, 8)
+    # row-major patches: the x half depends on the column only, the y half on the row only
+    torch.testing.assert_close(table[0, :4], table[3, :4])
+    torch.testing.assert_close(table[0, 4:], table[1, 4:])
+    assert torch.cdist(table, table).add(torch.eye(9)).min() > 0.1  # every patch has its own code
+    early = EarlyFusion(cfg())
+    torch.testing.assert_close(early.image_position.detach(), sincos_2d(3, 36))
+    late = LateFusion(cfg())
+    torch.testing.assert_close(late.vision.position_embedding[1:].detach(), sincos_2d(3, 36))
+    assert EarlyFusion(cfg(position_init="random")).image_position.std() < 0.05
+    with pytest.raises(ValueError, match="position_init"):
+        cfg(position_init="rope")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cfg(width=6, heads=3)

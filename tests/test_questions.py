@@ -29,10 +29,16 @@ def _answer_from_scene(scene: Scene, q: str) -> str:
         return ["zero", "one", "two"][len(shapes)]
     if m := re.fullmatch(r"how many (\w+) shapes are there\?", q):
         return ["zero", "one", "two"][colours.count(m[1])]
-    if m := re.fullmatch(r"is the (\w+)(?: shape)? (left of|right of|above|below) the (\w+)(?: shape)?\?", q):
-        key = colours if m[1] in colours and m[3] in colours and m[1] != m[3] else shapes
+    if m := re.fullmatch(r"where is the (\w+)( shape)? from the (\w+)( shape)?\?", q):
+        assert bool(m[2]) == bool(m[4]), "relational question mixes naming by colour and by shape"
+        key = colours if m[2] else shapes
         assert key.count(m[1]) == 1 and key.count(m[3]) == 1, "relational question names an ambiguous shape"
-        return "yes" if scene.relation(key.index(m[1]), key.index(m[3])) == m[2] else "no"
+        a, b = scene.shapes[key.index(m[1])], scene.shapes[key.index(m[3])]
+        # direction of a seen from b, from the coordinates (x right, y down; the dominant axis decides, ties -> x)
+        dx, dy = a.x - b.x, a.y - b.y
+        if abs(dx) >= abs(dy):
+            return "left" if dx < 0 else "right"
+        return "above" if dy < 0 else "below"
     raise AssertionError(f"unexpected question {q!r}")
 
 
@@ -52,10 +58,13 @@ def test_yes_no_balanced_and_every_type_present():
         _, q = ds.sample(i)
         by_type.setdefault(q.qtype, []).append(q.answer)
     assert set(by_type) == set(QUESTION_TYPES) and all(len(v) == 100 for v in by_type.values())
-    for t in ("existence", "relational"):
-        yes = by_type[t].count("yes") / len(by_type[t])
-        assert 0.35 < yes < 0.65, (t, yes)
-        assert set(by_type[t]) == {"yes", "no"}
+    yes = by_type["existence"].count("yes") / len(by_type["existence"])
+    assert 0.35 < yes < 0.65, yes
+    assert set(by_type["existence"]) == {"yes", "no"}
+    # relational answers are the four directions, about a quarter each (so no answer wins without the image)
+    rel = by_type["relational"]
+    assert set(rel) == {"left", "right", "above", "below"}
+    assert all(0.15 < rel.count(d) / len(rel) < 0.35 for d in set(rel)), {d: rel.count(d) for d in set(rel)}
 
 
 def test_items_are_deterministic_and_collate():
@@ -91,6 +100,32 @@ def test_unique_answers_only_and_clear_errors():
     for seed in range(20):  # the shapes differ but the colours do not: relational questions must name shapes
         q = ask(same_colour, "relational", np.random.default_rng(seed))
         assert "red shape" not in q.text and _answer_from_scene(same_colour, q.text) == q.answer
+
+
+def test_relational_answer_is_the_direction_and_flips_with_the_question(monkeypatch):
+    # red left of blue, mostly horizontal; green below yellow, mostly vertical
+    horiz = Scene((ShapeSpec("circle", "red", "small", 4.0, 6.0, 14.0), ShapeSpec("star", "blue", "small", 4.0, 26.0, 18.0)),
+                  image_size=32)
+    vert = Scene((ShapeSpec("square", "green", "small", 4.0, 14.0, 27.0), ShapeSpec("ring", "yellow", "small", 4.0, 17.0, 5.0)),
+                 image_size=32)
+    for seed in range(10):  # by default distinct colours name the shapes
+        assert ask(horiz, "relational", np.random.default_rng(seed)).text in (
+            "where is the red shape from the blue shape?", "where is the blue shape from the red shape?")
+    import vlm_lab.data.questions as questions
+
+    monkeypatch.setattr(questions, "RELATIONAL_P_COLOUR", 0.5)  # now by colour or by shape
+    seen = {}
+    for seed in range(40):
+        for scene in (horiz, vert):
+            q = ask(scene, "relational", np.random.default_rng(seed))
+            assert q.answer in ANSWERS and q.answer == _answer_from_scene(scene, q.text)
+            seen[q.text] = q.answer
+    assert seen["where is the red shape from the blue shape?"] == "left"
+    assert seen["where is the blue shape from the red shape?"] == "right"
+    assert seen["where is the circle from the star?"] == "left"
+    assert seen["where is the green shape from the yellow shape?"] == "below"
+    assert seen["where is the ring from the square?"] == "above"
+    assert len(seen) == 8  # both orders, named by colour and by shape, for both scenes
 
 
 def test_relation_foil():

@@ -13,14 +13,17 @@ The map of chapter 01 (course notebook ``01_fusion_and_alignment``), each style 
     ConnectorVQA         frozen image encoder -> connector (linear | mlp | adapter) -> a small text transformer that
                          reads [visual tokens; words] (LLaVA's recipe at toy size)
     DualEncoder          two towers trained with ITC (CLIP's InfoNCE), optionally + ITM (image-text matching on a
-                         cross-attention fusion layer, in-batch hard negatives as in ALBEF, Li et al. 2021, sec. 3.2)
+                         cross-attention fusion layer, in-batch hard negatives as in ALBEF, Li et al. 2021, sec. 3.2),
+                         optionally + LM (a causal caption decoder that cross-attends to the image tokens: BLIP's
+                         image-grounded text decoder, Li et al. 2022, sec. 3.2, at toy size)
 
 The VQA models take the batch of ``vlm_lab.data.questions.QACollator`` (``pixel_values``, ``input_ids``,
 ``attention_mask``, ``labels`` = answer ids) and return :class:`FusionOutput` with ``loss`` = cross-entropy over the
 answer vocabulary (VQA as classification, as ViLT's VQA head) and ``logits``. Questions are pooled at position 0
 (the tokenizer's [CLS]). Text encoders are bidirectional (BERT-style), with the padding mask.
 
-Shape letters: b batch, n words, g patches per side, p = g*g patches (+1 with a class token), d width, a answers.
+Shape letters: b batch, n words, g patches per side, p = g*g patches (+1 with a class token), d width, a answers,
+V vocabulary, e joint embedding width.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses import clip_loss
+from ..losses import build_lm_labels, clip_loss, lm_loss
 from ..nn import (Adapter, Encoder, LinearProjector, MLPProjector, ModalityTypeEmbedding, PatchEmbed, TokenEmbedding,
                   ViT, ViTConfig)
 from ._config import config_from_dict
@@ -49,7 +52,7 @@ class FusionConfig:
     patch_size: int = 8  # patch side; p = (image_size / patch_size)^2 patches
     vocab_size: int = 128  # question tokenizer vocabulary (shapes_tokenizer: 112)
     max_length: int = 16  # longest question in tokens, [CLS] and [SEP] included
-    num_answers: int = 18  # size of the answer vocabulary (vlm_lab.data.questions.ANSWERS: 18)
+    num_answers: int = 22  # size of the answer vocabulary (vlm_lab.data.questions.ANSWERS: 22)
     width: int = 64  # token width d of every tower
     heads: int = 4  # attention heads
     mlp_dim: int = 128  # hidden width of every block's MLP
@@ -62,8 +65,14 @@ class FusionConfig:
     combine: str = "concat"  # Late: "concat" (concatenation + MLP) or "product" (element-wise product, dot-product family)
     act: str = "gelu"  # MLP activation
     dropout: float = 0.0  # dropout on attention and residual branches
+    # starting value of the learned patch positions: "sincos" = MAE's fixed 2-D sin-cos table (unit scale, so where a
+    # patch is counts from step 0), "random" = N(0, 0.02) (ViT / CLIP; position is then a faint signal next to the
+    # patch content and relational questions learn far more slowly at the toy budget)
+    position_init: str = "sincos"
 
     def __post_init__(self) -> None:
+        if self.position_init not in ("sincos", "random"):
+            raise ValueError(f"FusionConfig.position_init must be 'sincos' or 'random', got {self.position_init!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, int) and not isinstance(v, bool) and v < (0 if f.name.endswith("layers") else 1):
@@ -76,6 +85,8 @@ class FusionConfig:
             raise ValueError(f"FusionConfig.width ({self.width}) must be divisible by heads ({self.heads})")
         if self.combine not in ("concat", "product"):
             raise ValueError(f"FusionConfig.combine must be 'concat' or 'product', got {self.combine!r}")
+        if self.position_init == "sincos" and self.width % 4:
+            raise ValueError(f"FusionConfig.width ({self.width}) must be a multiple of 4 for position_init='sincos'")
 
     @classmethod
     def toy(cls, **overrides: Any) -> "FusionConfig":
@@ -154,9 +165,31 @@ class TextEncoder(nn.Module):
         return hidden[:, 0]  # (b, n, d) -> (b, d)
 
 
+def sincos_2d(grid: int, width: int) -> Tensor:
+    """MAE's 2-D sin-cos position table ``(grid * grid, width)``, row-major patches: a quarter of the channels each
+    for sin / cos of the column and of the row, frequencies ``1 / 10000^(k / (width / 4))``."""
+    if width % 4:
+        raise ValueError(f"width: the 2-D sin-cos table needs a multiple of 4, got {width}")
+    q = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)  # (q,)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")  # (g, g) each
+    ox, oy = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega  # (g*g, q) each
+    return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)  # (g*g, 4q)
+
+
+def _init_positions(c: FusionConfig, table: Tensor) -> None:
+    """Overwrite a ``(p, d)`` table of learned patch positions with the 2-D sin-cos start if the config asks for it."""
+    if c.position_init == "sincos":
+        with torch.no_grad():
+            table.copy_(sincos_2d(c.image_size // c.patch_size, table.shape[-1]))
+
+
 def _vit(c: FusionConfig, layers: int) -> ViT:
-    return ViT(ViTConfig(image_size=c.image_size, patch_size=c.patch_size, width=c.width, layers=layers,
-                         heads=c.heads, mlp_dim=c.mlp_dim, act=c.act, ln_pre=True, patch_bias=True))
+    vit = ViT(ViTConfig(image_size=c.image_size, patch_size=c.patch_size, width=c.width, layers=layers,
+                        heads=c.heads, mlp_dim=c.mlp_dim, act=c.act, ln_pre=True, patch_bias=True))
+    _init_positions(c, vit.position_embedding[1:])  # patches only; the class token keeps its own start
+    return vit
 
 
 class AnswerHead(nn.Module):
@@ -187,6 +220,7 @@ class EarlyFusion(nn.Module):
         self.text_embed = TokenEmbedding(c.vocab_size, c.width, c.max_length)
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.width)
         self.image_position = nn.Parameter(torch.randn(self.patch_embed.num_patches, c.width) * 0.02)
+        _init_positions(c, self.image_position)
         self.type_embed = ModalityTypeEmbedding(2, c.width)
         self.encoder = Encoder(c.width, c.early_layers, c.heads, c.mlp_dim, act=c.act, dropout=c.dropout,
                                final_norm=True)
@@ -303,7 +337,7 @@ class ConnectorConfig:
     text_layers: int = 2  # text model blocks (they see visual tokens and words together)
     text_heads: int = 4  # text model heads
     text_mlp_dim: int = 128  # text model MLP width
-    num_answers: int = 18  # answer vocabulary size
+    num_answers: int = 22  # answer vocabulary size (vlm_lab.data.questions.ANSWERS: 22)
     act: str = "gelu"  # activation everywhere
 
     def __post_init__(self) -> None:
@@ -386,10 +420,13 @@ class ConnectorVQA(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class DualEncoderConfig:
-    """Two towers with ITC, optionally ITM on a cross-attention fusion layer (ALBEF's recipe, toy size)."""
+    """Two towers with ITC, optionally ITM on a cross-attention fusion layer (ALBEF's recipe, toy size) and a
+    captioning (LM) decoder (BLIP's recipe, toy size)."""
 
     matching: bool = False  # add the ITM loss (and its fusion layer + head)
     itm_weight: float = 1.0  # weight of the ITM loss in the sum
+    captioning: bool = False  # add the LM loss: a causal decoder (fusion_layers blocks, cross-attention to the image)
+    lm_weight: float = 1.0  # weight of the LM (captioning) loss in the sum
     embed_dim: int = 32  # width of the joint embedding space
     image_size: int = 32  # input pixels per side
     patch_size: int = 8  # ViT patch side
@@ -411,6 +448,8 @@ class DualEncoderConfig:
                 raise ValueError(f"DualEncoderConfig.{f.name} must be positive, got {v}")
         if self.itm_weight < 0:
             raise ValueError(f"DualEncoderConfig.itm_weight must be >= 0, got {self.itm_weight}")
+        if self.lm_weight < 0:
+            raise ValueError(f"DualEncoderConfig.lm_weight must be >= 0, got {self.lm_weight}")
 
     def vit_config(self) -> ViTConfig:
         return ViTConfig(image_size=self.image_size, patch_size=self.patch_size, width=self.width,
@@ -428,12 +467,13 @@ class DualEncoderConfig:
 
 @dataclass
 class DualEncoderOutput:
-    loss: Tensor  # loss_itc + itm_weight * loss_itm
+    loss: Tensor  # loss_itc + itm_weight * loss_itm + lm_weight * loss_lm (the terms the config switches on)
     loss_itc: Tensor  # symmetric InfoNCE
     loss_itm: Tensor | None  # 3-way-batch binary CE (positives, hard negative texts, hard negative images); None
     logits_per_image: Tensor  # (b, b) scaled cosine similarities
     image_embeds: Tensor  # (b, e) L2-normalised
     text_embeds: Tensor  # (b, e) L2-normalised
+    loss_lm: Tensor | None = None  # next-token cross-entropy of the caption decoder; None without captioning
 
 
 class DualEncoder(nn.Module):
@@ -442,6 +482,11 @@ class DualEncoder(nn.Module):
     ITM negatives (ALBEF, sec. 3.2): for every image one text drawn from the batch with probability
     proportional to ``softmax(sim)`` (hard negatives: similar but wrong), and for every text one image; pairs whose
     texts are identical are never drawn as negatives. ``match_score`` gives p(match) for scoring any pair.
+
+    Captioning (BLIP's LM objective): ``decoder`` reads the caption's token embeddings (shared with the text tower,
+    as BLIP shares them) under a causal mask, cross-attends to the image tokens, and ``lm_head`` predicts the next
+    token; the loss is :func:`vlm_lab.losses.captioning.lm_loss` over real tokens. ``caption_log_likelihood`` scores
+    any caption of an image with it.
     """
 
     def __init__(self, config: DualEncoderConfig) -> None:
@@ -456,6 +501,10 @@ class DualEncoder(nn.Module):
             self.fusion = Encoder(c.width, c.fusion_layers, c.heads, c.mlp_dim, act=c.act, cross_attention_every=1,
                                   final_norm=True)
             self.itm_head = nn.Linear(c.width, 2)
+        if c.captioning:
+            self.decoder = Encoder(c.width, c.fusion_layers, c.heads, c.mlp_dim, act=c.act, cross_attention_every=1,
+                                   final_norm=True)
+            self.lm_head = nn.Linear(c.width, c.vocab_size)
 
     def encode_image(self, pixel_values: Tensor, tokens: bool = False):
         h = self.vision(pixel_values)  # (b, 1 + p, d)
@@ -469,6 +518,26 @@ class DualEncoder(nn.Module):
 
     def _itm_logits(self, text_h: Tensor, text_mask: Tensor, image_h: Tensor) -> Tensor:
         return self.itm_head(self.fusion(text_h, image_h, key_padding_mask=text_mask)[:, 0])  # (b, 2)
+
+    def caption_logits(self, input_ids: Tensor, image_h: Tensor) -> Tensor:
+        """Next-token scores ``(b, n, V)`` of the caption decoder (causal over words, cross-attention to the image).
+
+        Right padding needs no mask: a causal row never looks at the padding after it.
+        """
+        if not self.config.captioning:
+            raise ValueError("caption_logits needs a DualEncoder built with captioning=True")
+        x = self.text.embed(input_ids)  # (b, n, d), embeddings shared with the text tower
+        return self.lm_head(self.decoder(x, image_h, is_causal=True))  # (b, n, d) -> (b, n, V)
+
+    @torch.no_grad()
+    def caption_log_likelihood(self, pixel_values: Tensor, input_ids: Tensor,
+                               attention_mask: Tensor | None = None) -> Tensor:
+        """Summed log p(caption | image) over each caption's real tokens after the first, ``(b,)``."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        _, ih = self.encode_image(pixel_values, tokens=True)
+        logp = self.caption_logits(input_ids, ih)[:, :-1].log_softmax(-1)  # (b, n-1, V): position t predicts t+1
+        tok = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (b, n-1)
+        return (tok * mask[:, 1:]).sum(-1)
 
     @torch.no_grad()
     def match_score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -510,8 +579,12 @@ class DualEncoder(nn.Module):
             itm_logits = self._itm_logits(text_h, text_m, image_h)  # (3b, 2)
             target = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(itm_logits.device)
             loss_itm = F.cross_entropy(itm_logits, target)
-            loss = loss_itc + self.config.itm_weight * loss_itm
-        return DualEncoderOutput(loss, loss_itc, loss_itm, logits, img, txt)
+            loss = loss + self.config.itm_weight * loss_itm
+        loss_lm = None
+        if self.config.captioning:
+            loss_lm = lm_loss(self.caption_logits(batch["input_ids"], ih), build_lm_labels(batch["input_ids"], mask))
+            loss = loss + self.config.lm_weight * loss_lm
+        return DualEncoderOutput(loss, loss_itc, loss_itm, logits, img, txt, loss_lm)
 
     @torch.no_grad()
     def post_step(self) -> None:
