@@ -3,5 +3,6 @@ hint, never the solution. ``check`` is the generic helper; each chapter has its 
 
 from .clip import check_clip_loss, check_zero_shot_classifier
 from .core import CheckResult, check
+from .fusion import check_block_flops
 
-__all__ = ["CheckResult", "check", "check_clip_loss", "check_zero_shot_classifier"]
+__all__ = ["CheckResult", "check", "check_block_flops", "check_clip_loss", "check_zero_shot_classifier"]
