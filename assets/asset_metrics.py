@@ -16,7 +16,8 @@ evaluation set its make script uses (same seeds, sizes and tokenizer):
 - ``causal_lm``     validation perplexity on 500 held-out captions (``assets/make_lm.py``);
 - fusion / connector VQA models: accuracy per question type (``assets/make_chapter01.py``'s 1,000 questions);
 - ``dual_encoder``  R@1 and relational foil accuracy (``make_chapter01.dual_metrics`` on its 500 scenes);
-- ``llava``         closed accuracy / open recall on 40 held-out slides (``assets/make_llava_toy.py``'s evaluate).
+- ``llava``         closed accuracy / open recall on 40 held-out slides (``assets/make_llava_toy.py``'s evaluate);
+- ``vilt``          held-out ITM and masked colour-word accuracy (``assets/make_vilt_toy.py``'s evaluate).
 """
 
 from __future__ import annotations
@@ -207,6 +208,13 @@ def measure(asset: Asset) -> dict[str, float]:
     if kind == "llava":
         scores = _llava_scores(asset.checkpoint.parent, asset.card.get("seed", 0), asset.card.get("n_eval_slides", 40))
         return {k: float(v) for k, v in scores[asset.checkpoint.stem].items()}
+    if kind == "vilt":
+        from vlm_lab.data.collate import ImageTextCollator
+        from vlm_lab.data.tokenizers import shapes_tokenizer
+
+        tok = shapes_tokenizer()
+        collate = ImageTextCollator(tok, max_length=model.config.max_text_len)
+        return _script("make_vilt_toy").evaluate(model, tok, collate)
     if kind == "dual_encoder":
         mk, batch, foils = _caption_eval()
         return mk.dual_metrics(model, batch, foils)
