@@ -101,6 +101,11 @@ def _worker(rank: int, out: str) -> None:
         if rank == 0:
             save_file({f"grad.{k}": torch.from_numpy(v) for k, v in probe.grads.items()}
                       | {"losses": torch.tensor(probe.losses)}, f"{out}/{parallel}_rank0.safetensors")
+    # resume the FSDP step-2 checkpoint on 2 FSDP ranks (full-state file -> sharded weights and AdamW state)
+    torch.manual_seed(7 + rank)
+    model = BlockCLIP()
+    fit(model, Pairs(), cfg(batch_size=4, parallel="fsdp", out_dir=f"{out}/fsdp-resumed",
+                            resume=f"{out}/fsdp/step_00000002.safetensors"))
 
 
 def _compare_weights(got: dict, want: dict, prefix: str = "") -> None:
@@ -118,7 +123,7 @@ def _compare_weights(got: dict, want: dict, prefix: str = "") -> None:
 def test_fsdp_and_ddp_on_two_processes_match_one_process_and_resume_on_one(tmp_path):
     """2 ranks x (4 x 2 cached micro-batches) == 1 process x (8 x 2), for FSDP2 and DDP: per-step losses,
     first-step gradients (not hidden by Adam's scale invariance) and final weights; then the step-2 checkpoint of
-    the 2-rank FSDP run resumes on 1 process and reaches the uninterrupted single-process weights."""
+    the 2-rank FSDP run resumes on 2 FSDP ranks and on 1 process, and both reach the uninterrupted weights."""
     D.spawn(_worker, nprocs=2, args=(str(tmp_path),))
     torch.manual_seed(0)
     model = BlockCLIP()
@@ -136,6 +141,9 @@ def test_fsdp_and_ddp_on_two_processes_match_one_process_and_resume_on_one(tmp_p
         final = latest_checkpoint(tmp_path / parallel)
         assert final is not None and final.name == "step_00000003.safetensors"
         _compare_weights(load_file(str(final)), ref_weights, prefix="model/")
+
+    resumed = load_file(str(tmp_path / "fsdp-resumed" / "step_00000003.safetensors"))
+    _compare_weights(resumed, ref_weights, prefix="model/")  # resumed on 2 FSDP ranks
 
     # resume the 2-rank FSDP step-2 checkpoint on one process (batch 8 = 2 x 4: the same examples per step)
     torch.manual_seed(123)
