@@ -33,6 +33,14 @@ reads its shard through a DistributedSampler, gradients are synchronised only on
 (``no_sync`` on the others, in both accumulation modes), and only rank 0 shows progress, calls loggers and writes
 checkpoints. The logged loss is the mean over ranks.
 
+``parallel="fsdp"`` uses FSDP2 instead (`vlm_lab.train.parallel`): ``fully_shard`` on every transformer block and on
+fit's forwarding wrapper (so the loss, and the cached-feature loss, run inside the root's ``__call__``); 0-dim
+parameters (``logit_scale``) stay replicated with their gradients averaged by hand; gradient sync only on the
+last micro-batch (``set_requires_gradient_sync``); checkpoints are gathered to rank 0 and written in the same
+full-state safetensors layout, so any checkpoint resumes on any number of processes under either plan.
+``activation_checkpointing=True`` recomputes each block in backward, ``compile=True`` compiles each block; both are
+applied before sharding (torchtitan's order). ``eval_fn`` is not supported with FSDP (evaluate the checkpoint).
+
 Resume is exact on one process: a checkpoint stores weights, optimizer, scheduler, GradScaler, the step, the
 RNG states (torch as a uint8 tensor, numpy / python as JSON) and the data position (epoch + batch index in the
 epoch, whose order is a pure function of (seed, epoch)), so stopping after step 5 and resuming gives the same
