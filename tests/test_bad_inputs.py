@@ -415,3 +415,40 @@ def test_check_image_property(h, w, c, kind):
     assert img.mode == "RGB" and img.size == (w, h)
     x = to_model_input(img, 8)
     assert tuple(x.shape) == (1, 3, 8, 8) and torch.isfinite(x).all()
+
+
+@HYPO
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=3), st.sampled_from([torch.long, torch.int32, torch.float32,
+                                                                              torch.bool]),
+       st.integers(-3, 12), st.integers(-3, 12), st.sampled_from([None, 3, 4]))
+def test_token_id_checks_accept_exactly_the_valid_tensors(shape, dtype, lo, hi, max_length):
+    vocab = 10
+    lo, hi = min(lo, hi), max(lo, hi)
+    ids = torch.zeros(shape, dtype=torch.long)
+    if ids.numel():
+        ids.view(-1)[0], ids.view(-1)[-1] = lo, hi
+    in_range = not ids.numel() or (int(ids.min()) >= 0 and int(ids.max()) < vocab)  # (one element: only hi)
+    ids = ids.to(dtype)
+    valid = (len(shape) == 2 and dtype in (torch.long, torch.int32) and shape[0] > 0 and shape[1] > 0
+             and (max_length is None or shape[1] <= max_length) and in_range)
+    if valid:
+        check_token_ids(ids, vocab, max_length)
+    else:
+        with pytest.raises((ValueError, TypeError), match="input_ids"):
+            check_token_ids(ids, vocab, max_length)
+
+
+@HYPO
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 2), st.booleans())
+def test_attention_mask_checks(b, n, fill, reshape):
+    from vlm_lab.nn.embed import check_attention_mask
+
+    ids = torch.ones(b, n, dtype=torch.long)
+    mask = torch.full((b, n + int(reshape)), fill, dtype=torch.long)
+    if not reshape and fill == 1:
+        check_attention_mask(mask, ids)
+        mask[0, 1:] = 0  # padding after the first token is fine
+        check_attention_mask(mask, ids)
+    else:
+        with pytest.raises(ValueError, match="attention_mask"):
+            check_attention_mask(mask, ids)
