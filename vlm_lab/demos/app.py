@@ -24,6 +24,9 @@ at ``LIMITS.max_bytes``; image inputs only (``gr.Image``, upload and clipboard: 
 text boxes), every upload decoded and checked by ``vlm_lab.demos.images.load_image`` (format, size, pixel count
 before decoding, mode); text inputs have length caps and are tokenised without silent truncation; a bounded
 queue (``QUEUE_SIZE`` waiting events, one at a time per event: right for a CPU model).
+
+Shape letters: C classes, d embedding width, N gallery scenes, M gallery captions, s the model's image side,
+q queries, p image tokens (1 + g*g), g patches per side, h heads.
 """
 
 from __future__ import annotations
