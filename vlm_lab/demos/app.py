@@ -453,38 +453,34 @@ def _sample_image(world: str) -> np.ndarray:
     return _upscale(ShapesDataset("heldout", n=1, seed=3, image_size=32).image(0), 4)
 
 
-@functools.cache
-def _upload_image_class() -> type:
+def _raw_upload(payload: Any) -> str | bytes | None:
+    """Replaces ``gr.Image.preprocess`` on our image inputs: the upload reaches the tab function undecoded -- the
+    path of the file in Gradio's upload cache, or the bytes of a pasted data URL -- so that ``load_image`` is the only
+    code that parses it and every refusal gets its message. (An instance attribute, not a subclass: Gradio writes a
+    ``.pyi`` stub next to the source file of every component subclass.)"""
     import base64
 
-    import gradio as gr
-
-    class UploadedImage(gr.Image):
-        """``gr.Image`` (same widget: ``is_template`` keeps the frontend's image component) whose upload reaches the
-        tab function undecoded -- the path of the file in Gradio's upload cache, or the bytes of a pasted data URL --
-        so that ``load_image`` is the only code that parses it and every refusal gets its message."""
-
-        is_template = True
-
-        def preprocess(self, payload: Any) -> str | bytes | None:
-            if payload is None:
-                return None
-            url = getattr(payload, "url", None) or ""
-            if url.startswith("data:"):
-                header, _, data = url.partition(",")
-                if ";base64" not in header or len(data) > LIMITS.max_bytes * 4 // 3 + 4:
-                    return b""  # refused by load_image: "the file is empty"
-                try:
-                    return base64.b64decode(data, validate=True)
-                except ValueError:
-                    return b""
-            return None if payload.path is None else str(payload.path)
-
-    return UploadedImage
+    if payload is None:
+        return None
+    url = getattr(payload, "url", None) or ""
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if ";base64" not in header or len(data) > LIMITS.max_bytes * 4 // 3 + 4:
+            return b""  # refused by load_image: "the file is empty"
+        try:
+            return base64.b64decode(data, validate=True)
+        except ValueError:
+            return b""
+    path = getattr(payload, "path", None)
+    return None if path is None else str(path)
 
 
 def _image_input(label: str) -> Any:
-    return _upload_image_class()(label=label, type="filepath", sources=["upload", "clipboard"], height=220)
+    import gradio as gr
+
+    image = gr.Image(label=label, type="filepath", sources=["upload", "clipboard"], height=220)
+    image.preprocess = _raw_upload  # see _raw_upload
+    return image
 
 
 def build_app(tabs: tuple[str, ...] | list[str] = TABS, models: DemoModels | None = None) -> Any:
