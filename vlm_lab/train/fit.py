@@ -487,6 +487,13 @@ def _no_view(out: Any) -> Any:
     pre-backward hook; fit never does that, and a copy of a scalar is free)."""
     if isinstance(out, Mapping):
         return {k: _no_view(v) for k, v in out.items()}
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):  # a model output (loss, logits, ...)
+        views = {f.name: _no_view(getattr(out, f.name)) for f in dataclasses.fields(out)
+                 if isinstance(getattr(out, f.name), torch.Tensor) and getattr(out, f.name)._base is not None}
+        try:
+            return dataclasses.replace(out, **views) if views else out
+        except (TypeError, ValueError):  # a dataclass with init=False fields: leave it as it is
+            return out
     return out.clone() if isinstance(out, torch.Tensor) and out._base is not None else out
 
 
