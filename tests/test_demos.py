@@ -243,3 +243,20 @@ def test_ipywidgets_versions_classify_trace_and_refuse():
     trace.parts["sample"].click()
     trace.parts["run"].click()
     assert "qformer.layers.0" in trace.parts["table"].value and trace.parts["maps"].value[:4] == b"\x89PNG"
+
+
+def test_show_uses_the_given_model(images):
+    from vlm_lab.models.registry import build_model
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    blip2 = build_model("blip2", "toy", num_query_tokens=5)  # stage 1, 5 queries instead of the toy's 8
+    app = A.show("qformer", model=blip2)
+    try:
+        table, maps = Client(app.local_url, verbose=False).predict(handle_file(str(images / "scene.png")),
+                                                                   "qformer.layers.0.cross_attn",
+                                                                   api_name="/qformer_trace")
+        assert "[1, 5, 64]" in table and "language_projection" not in table
+        assert np.asarray(Image.open(maps)).shape[:2] == (2 * (64 + 4), 4 * (64 + 4))  # 5 cells on two rows
+    finally:
+        assert A.close_all() == 1
