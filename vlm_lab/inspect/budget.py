@@ -15,7 +15,8 @@ fp32 gradients, AdamW's two fp32 moments, activations saved by autocast in bf16 
 ``A(b)`` is measured, not guessed: the model runs one forward on the ``meta`` device (no memory, no compute) inside
 ``torch.autograd.graph.saved_tensors_hooks``, which sees every tensor autograd keeps for backward; parameters and
 tensors already counted (same storage) are skipped. So the figure follows the model's real code (frozen towers
-save nothing, attention kernels save what they save). With activation checkpointing, each block keeps only its
+save nothing). Attention is counted as a fused kernel saves it (q, k, v, output, log-sum-exp), as on a GPU;
+the CPU's own kernel does the same without a mask and keeps the probabilities with one (the text towers). With activation checkpointing, each block keeps only its
 input, and one block's activations exist again during its recomputation. bf16 / fp16: ``HALF_ACTIVATION_FRACTION``
 of the fp32 bytes (measured with CPU autocast on the toy CLIP: matmul outputs are half precision, LayerNorm /
 softmax / loss inputs stay fp32, and autocast saves some tensors in both precisions).
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Budget", "budget", "activation_bytes", "measure_step_memory", "measure_step_memories", "HALF_ACTIVATION_FRACTION",
-           "ACCELERATORS", "PAPER_CONFIGS", "lm_params"]
+__all__ = ["Budget", "budget", "activation_bytes", "measure_step_memory", "measure_step_memories",
+           "HALF_ACTIVATION_FRACTION", "ACCELERATORS", "PAPER_CONFIGS", "lm_params"]
 
 HALF_ACTIVATION_FRACTION = 0.68  # bytes saved under bf16 / fp16 autocast / bytes saved in fp32 (toy CLIP, CPU)
 
@@ -181,13 +181,52 @@ def _block_tracker(blocks: list[nn.Module]):
             h.remove()
 
 
-def activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], *, method: str | None = None
-                     ) -> dict[str, Any]:
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for ``F.scaled_dot_product_attention`` while activations are counted: it saves what a fused
+    (flash / memory-efficient) kernel saves — q, k, v, the output and one fp32 log-sum-exp per query row — instead
+    of the (b, h, n, m) probabilities the math fallback (the only path on ``meta``) would keep."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kwargs):  # noqa: D102 - autograd protocol
+        with torch.no_grad():
+            out = _SDPA(q, k, v, **kwargs)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (b, h, n)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - counting never runs backward
+        raise RuntimeError("budget's attention stand-in is for counting saved tensors only")
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    import torch.nn.functional as F
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _FusedAttention.apply(q, k, v, kwargs)
+        return _SDPA(q, k, v, **kwargs)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _SDPA
+
+
+def activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], *, method: str | None = None,
+                     fused_attention: bool = True) -> dict[str, Any]:
     """Bytes of the tensors autograd saves in one forward of ``model`` on ``batch`` (any device; ``meta`` costs
     nothing). Returns ``{"total", "per_block" (list), "block_inputs" (list), "outside_blocks"}``.
 
     ``method``: the model method to call (default: ``contrastive_features`` when the model has it — the loss is
-    added by the caller — else ``forward``).
+    added by the caller — else ``forward``). ``fused_attention``: count attention as a fused GPU kernel saves it
+    (q, k, v, output, log-sum-exp; what training on a GPU uses) rather than as the math fallback (probabilities).
     """
     from vlm_lab.train.parallel import blocks as find_blocks
 
@@ -207,12 +246,16 @@ def activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], *, method
 
     handles = [blk.register_forward_pre_hook(input_hook(i)) for i, blk in enumerate(blocks)]
     with _block_tracker(blocks) as current:
+        keep: list[torch.Tensor] = []  # holds what was seen, so no id is reused while counting
+
         def pack(t: torch.Tensor) -> torch.Tensor:
             nonlocal outside
-            key = _storage_key(t)
-            if key in params or key in seen:
+            root = t._base if t._base is not None else t  # a view (a linear's flattened input) is its base
+            key, rid = _storage_key(t), id(root)
+            if key in params or _storage_key(root) in params or key in seen or rid in seen:
                 return t
-            seen.add(key)
+            seen.update((key, rid))
+            keep.append(root)
             nbytes = t.untyped_storage().nbytes()
             if current[0] >= 0:
                 per_block[current[0]] += nbytes
@@ -221,7 +264,8 @@ def activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], *, method
             return t
 
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    (_fused_attention() if fused_attention else contextlib.nullcontext()):
                 name = method or ("contrastive_features" if hasattr(model, "contrastive_features") else "forward")
                 out = model(batch) if name == "forward" else getattr(model, name)(batch)
         finally:
@@ -275,7 +319,7 @@ def lm_params(d: int = 4096, layers: int = 32, ffn: int = 11008, vocab: int = 32
 def _llava_7b(b: int, s: int, precision: str, ac: bool) -> dict[str, Any]:
     """Closed form for LLaVA-1.5 stage 2: CLIP ViT-L/14-336 frozen (304 M), MLP projector (21 M), Vicuna-7B
     trained; s tokens (576 image tokens + text)."""
-    d, layers, ffn, vocab, heads = 4096, 32, 11008, 32000, 32
+    d, layers, ffn, vocab = 4096, 32, 11008, 32000
     p_lm = lm_params(d, layers, ffn, vocab)
     p_vit, p_proj = 304_000_000, 1024 * 4096 + 4096 * 4096 + 2 * 4096
     half = _BYTES.get(precision, 4) == 2
@@ -335,7 +379,6 @@ def budget(model: str | nn.Module = "clip", preset: str = "toy", *, batch_size: 
         preset = "paper"
         f = _llava_7b(batch_size, text_length or 2048, precision, activation_checkpointing)
         P, Pt, act, largest = f["params"], f["trainable"], f["activations"], f["largest_block"]
-        act_peak_extra = 34 * (text_length or 2048) * batch_size * 4096 * (1 if half else 2)
         fwd_t, fwd_f, block_fwd = f["flops_trainable_fwd"], f["flops_frozen_fwd"], f["block_fwd"]
         notes.append("closed form (Llama-2-7B shapes, Korthikanti et al. 2022 activations with flash attention)")
     else:
@@ -364,7 +407,6 @@ def budget(model: str | nn.Module = "clip", preset: str = "toy", *, batch_size: 
         if method == "contrastive_features":  # the loss: logits against the global batch, softmax, both directions
             g = batch_size * world_size
             act += 3 * 2 * batch_size * g * 4
-        act_peak_extra = (max(per_block) if per_block else 0) * frac
         P = sum(p.numel() for p in net.parameters())
         Pt = sum(p.numel() for p in net.parameters() if p.requires_grad)
         blks = find_blocks(net)

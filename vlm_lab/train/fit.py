@@ -483,8 +483,8 @@ class _Forward(nn.Module):
 
 
 def _no_view(out: Any) -> Any:
-    """A loss or feature tensor that is a view is cloned (FSDP2 warns that in-place ops on a root output's view would drop its
-    pre-backward hook; fit never does that, and a copy of a scalar is free)."""
+    """A loss or feature tensor that is a view is cloned (FSDP2 warns that in-place ops on a root output's view
+    would drop its pre-backward hook; fit never does that, and a copy of a loss or of b x d features is cheap)."""
     if isinstance(out, Mapping):
         return {k: _no_view(v) for k, v in out.items()}
     if dataclasses.is_dataclass(out) and not isinstance(out, type):  # a model output (loss, logits, ...)
@@ -633,7 +633,8 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
     if use_fsdp:
         if resume_from is not None:  # full weights into the unsharded model; sharding then keeps each rank's part
             load_checkpoint(resume_from, raw)
-        _, replicated = P.shard_fsdp(fwd, raw)  # blocks, then the root wrapper (its __call__ unshards the root's own parameters)
+        # blocks, then the root wrapper (its __call__ unshards the root's own parameters)
+        _, replicated = P.shard_fsdp(fwd, raw)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     schedule = dict(total_steps=total, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                     min_lr_ratio=cfg.min_lr_ratio)

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 __all__ = ["BLOCK_CLASS_NAMES", "blocks", "apply_activation_checkpointing", "compile_blocks", "shard_fsdp",
-           "broadcast_from_rank0", "average_replicated_grads", "gather_full_state", "load_sharded_optimizer", "is_sharded"]
+           "broadcast_from_rank0", "average_replicated_grads", "gather_full_state", "load_sharded_optimizer",
+           "is_sharded"]
 
 # Classes treated as "a block" (the repeated transformer layer of each lab model).
 BLOCK_CLASS_NAMES = ("TransformerBlock", "BertLayer", "QFormerLayer", "MoMEBlock", "DecoderLayer", "LMBlock")

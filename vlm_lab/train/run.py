@@ -162,7 +162,8 @@ def run(config: str | Path | dict, overrides: Sequence[str] = ()) -> dict[str, A
         if out_dir is not None:
             train["out_dir"] = out_dir
         steps = train.get("steps")
-        if isinstance(steps, int) and "warmup_steps" not in cfg.get("train", {}) and train.get("warmup_steps", 0) > steps:
+        explicit_warmup = "warmup_steps" in cfg.get("train", {})
+        if isinstance(steps, int) and not explicit_warmup and train.get("warmup_steps", 0) > steps:
             train["warmup_steps"] = steps // 10  # a shortened run keeps a 10 % warmup (as recipes do)
         try:
             tc = TrainConfig(**train)
