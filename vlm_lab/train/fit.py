@@ -39,7 +39,8 @@ parameters (``logit_scale``) stay replicated with their gradients averaged by ha
 last micro-batch (``set_requires_gradient_sync``); checkpoints are gathered to rank 0 and written in the same
 full-state safetensors layout, so any checkpoint resumes on any number of processes under either plan.
 ``activation_checkpointing=True`` recomputes each block in backward, ``compile=True`` compiles each block; both are
-applied before sharding (torchtitan's order). ``eval_fn`` is not supported with FSDP (evaluate the checkpoint).
+applied before sharding (torchtitan's order). ``eval_fn`` is not supported with FSDP (evaluate the checkpoint), and
+after an FSDP fit the model's parameters stay DTensor shards: rebuild it from the checkpoint (``load_model``).
 
 Resume is exact on one process: a checkpoint stores weights, optimizer, scheduler, GradScaler, the step, the
 RNG states (torch as a uint8 tensor, numpy / python as JSON) and the data position (epoch + batch index in the
