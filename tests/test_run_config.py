@@ -42,12 +42,13 @@ def test_toml_json_and_builtin_configs(tmp_path):
 
 
 def test_run_matches_torchrun_fsdp_on_two_processes_and_rejects_bad_fields(tmp_path, capsys):
-    """In-process run (1 process, batch 8) vs `torchrun --nproc_per_node=2 -m vlm_lab.train` (FSDP2, 2 x 4): the
-    same per-step losses (printed to 4 decimals)."""
+    """In-process run (1 process, batch 8) vs `torchrun --nproc_per_node=2 -m vlm_lab.train` (FSDP2 with activation
+    checkpointing, 2 x 4): the same per-step losses (printed to 4 decimals)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "-m", "vlm_lab.train", "clip-toy", "--set", f"out_dir={tmp_path / 'two'}",
-                            "--set", "train.parallel=fsdp", "--set", "train.batch_size=4"]
+                            "--set", "train.parallel=fsdp", "--set", "train.batch_size=4",
+                            "--set", "train.activation_checkpointing=true"]
                            + [a for s in TINY if "batch_size" not in s for a in ("--set", s)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
