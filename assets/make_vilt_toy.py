@@ -13,7 +13,9 @@ Why: from scratch the MLM gradient on the shared transformer is ~140x the ITM gr
 ln 2 and reaches the trunk through the small pooler and ITM head). Adam scales each parameter's step by the
 size of its *summed* gradient, so with equal weights the ITM share of every update is ~1 %: MLM settles on its
 text-only solution and ITM stays at chance. At weight 0.05 the MLM gradient is still several times the ITM one
-and MLM still learns (its loss ends lower than with weight 1), but ITM gets real steps. ViLT avoids this cold
+and MLM still learns (final MLM loss 0.77-1.09 over seeds 0-2, 0.77-0.82 at weight 1), but ITM gets real
+steps. Held-out ITM accuracy after 1,200 steps: 0.86 / 0.85 / 0.77 (seeds 0 / 1 / 2; the shipped model is seed 0);
+at the paper's weights 0.50 / 0.51 (seeds 0 / 1). ViLT avoids this cold
 start by initialising the transformer from ImageNet ViT weights, which a toy cannot do.
 
 ``--mlm-weight 1`` reproduces the failure (the paper's weights from scratch); ``--itm-steps K --mlm-weight 1`` gives the

@@ -37,8 +37,10 @@ steps on the shapes world) while ITM alone leaves chance after ~200-300 steps. T
 gradients on the shared transformer: at initialisation the MLM gradient is ~140x the ITM gradient (ITM sits on
 the ln 2 plateau and reaches the trunk only through the small pooler and ITM head), so under Adam's
 per-parameter scaling the ITM share of every update is ~1 %, and MLM settles on its text-only solution (the
-language prior) first. The toy recipe (``assets/make_vilt_toy.py``) is a labelled curriculum: ITM + WPA alone
-for 400 steps, then the paper's ITM + MLM + WPA; see notebook 03, section 5.
+language prior) first. The toy recipe (``assets/make_vilt_toy.py``, a labelled deviation) keeps the three
+objectives but sets ``mlm_weight = 0.05``: held-out ITM accuracy 0.86 / 0.85 / 0.77 after 1,200 steps (seeds
+0 / 1 / 2) against 0.50 / 0.51 at the paper's weights. A curriculum (ITM + WPA alone for 400 steps, then the
+paper's weights) also works (0.86 in one run); see notebook 03, section 5.
 
 Shape letters: b batch, m text tokens, n image tokens (patches kept), g_h / g_w patch grid, P = g_h g_w,
 d width, v vocabulary.
