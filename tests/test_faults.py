@@ -186,6 +186,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint_and_resum
         assert result.step == STEPS
         got = _params(model)
         assert all(torch.equal(got[k], expected[k]) for k in expected), f"resume from {latest} diverged (seed {seed})"
+        assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "resume left the partial writes behind"
         outcomes.append((run["kill_at_write"], latest.name if latest else None, len(partial)))
     # the report's numbers: (write killed, checkpoint resumed from, partial temp files left behind)
     print(f"kills (seed {seed}):", outcomes)
@@ -203,8 +204,11 @@ def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(job, 
     config = job.config(6, out_dir=tmp_path)
     config.shuffle = False
     torch.manual_seed(0)
+    model = job.Regressor()
     with pytest.raises(FloatingPointError, match="step 4"):
-        fit(job.Regressor(), data, config)
+        fit(model, data, config)
+    # the check runs before the optimizer step: the model in memory is still the finite one of step 3
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     files = sorted(p.name for p in tmp_path.glob("step_*.safetensors"))
     assert files == ["step_00000002.safetensors", "step_00000003.safetensors"], files
     for name in files:

@@ -625,6 +625,10 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
         if not resume_from.is_file():
             raise FileNotFoundError(f"resume: checkpoint {resume_from} does not exist")
     elif cfg.resume is True:
+        if is_main and cfg.out_dir is not None:  # partial writes of a run killed mid-checkpoint (never loadable)
+            for stale in Path(cfg.out_dir).glob(".step_*.safetensors.*.tmp"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         resume_from = latest_checkpoint(cfg.out_dir)
         if resume_from is None:
             warnings.warn(f"resume: no step_*.safetensors checkpoint in {cfg.out_dir}; starting from scratch",
@@ -773,6 +777,16 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
 
             if use_fsdp:
                 P.average_replicated_grads(replicated)  # 0-dim parameters (logit_scale) FSDP2 cannot shard
+            # Check the loss BEFORE the optimizer step, so a non-finite loss leaves the weights in memory (and the
+            # checkpoints on disk) as they were after the last good step.
+            names = sorted(logged_terms)
+            vec = torch.stack([logged_loss] + [logged_terms[n].to(device).reshape(()) for n in names])
+            vec = D.all_reduce_mean(vec).tolist()
+            if not math.isfinite(vec[0]):
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"loss is {vec[0]} at step {step + 1}; the weights are left as after step "
+                                         f"{step}. Lower lr, enable grad_clip, or use precision='fp32'/'bf16' "
+                                         "instead of 'fp16'")
             grad_norm = None
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
@@ -789,12 +803,6 @@ def _fit(raw: nn.Module, data: Any, cfg: TrainConfig, callbacks: list, eval_fn: 
                 raw.post_step()
             step += 1
 
-            names = sorted(logged_terms)
-            vec = torch.stack([logged_loss] + [logged_terms[n].to(device).reshape(()) for n in names])
-            vec = D.all_reduce_mean(vec).tolist()
-            if not math.isfinite(vec[0]):
-                raise FloatingPointError(f"loss is {vec[0]} at step {step}; lower lr, enable grad_clip, or use "
-                                         "precision='fp32'/'bf16' instead of 'fp16'")
             record: dict[str, float] = {"step": step, "epoch": stream.epoch, "loss": vec[0]}
             record.update(dict(zip(names, vec[1:])))
             record["lr"] = lr_now
