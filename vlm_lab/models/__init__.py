@@ -5,10 +5,11 @@ from .blip import BLIP, BLIPConfig
 from .blip2 import BLIP2, BLIP2Config
 from .clip import CLIP, CLIPConfig, CLIPOutput
 from .coca import CoCa, CoCaConfig
+from .llava import LLaVA, LLaVAConfig
 from .vilt import ViLT, ViLTConfig
 from .vlmo import VLMo, VLMoConfig
 from .registry import MODELS, build_model, model_from_dict, model_name, model_record
 
 __all__ = ["ALBEF", "ALBEFConfig", "BLIP", "BLIP2", "BLIP2Config", "BLIPConfig", "CoCa", "CoCaConfig", "ViLT",
-           "ViLTConfig", "VLMo", "VLMoConfig", "CLIP", "CLIPConfig", "CLIPOutput", "MODELS", "build_model", "model_from_dict", "model_name",
+           "ViLTConfig", "LLaVA", "LLaVAConfig", "VLMo", "VLMoConfig", "CLIP", "CLIPConfig", "CLIPOutput", "MODELS", "build_model", "model_from_dict", "model_name",
            "model_record"]
