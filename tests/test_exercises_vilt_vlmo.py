@@ -21,7 +21,9 @@ def run(fn):
 
 
 def test_mask_checker_passes_the_reference_and_a_hand_written_rule():
-    assert run(reference).passed
+    for seed in range(3):  # the checker's tolerances are > 7 standard deviations at its sample size (~3,100 chosen)
+        torch.manual_seed(seed)
+        assert run(reference).passed
 
     def by_hand(ids, am):
         maskable = am.bool() & ~torch.isin(ids, torch.tensor(SPECIALS))

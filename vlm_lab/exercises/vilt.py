@@ -30,7 +30,7 @@ IGNORE = -100
 
 
 def _mask_inputs(vocab_size: int, specials: list[int], cls_id: int, sep_id: int, pad_id: int,
-                 seed: int = 0, b: int = 400, n: int = 21) -> tuple[Tensor, Tensor]:
+                 seed: int = 0, b: int = 2000, n: int = 21) -> tuple[Tensor, Tensor]:
     """Right-padded captions: [CLS] words... [SEP] [PAD]...; words drawn from the non-special ids."""
     g = torch.Generator().manual_seed(seed)
     words = torch.tensor([i for i in range(vocab_size) if i not in set(specials)])
