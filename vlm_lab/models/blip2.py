@@ -60,7 +60,7 @@ from ..interop import load_converted, rename_keys, split_qkv
 from ..losses.captioning import build_lm_labels, lm_loss
 from ..nn import MLP, Attention, ViT, ViTConfig, check_pixel_values, check_token_ids
 from ._config import config_from_dict
-from .lm import CausalLMConfig, build_causal_lm, freeze
+from .lm import CausalLMConfig, build_causal_lm, freeze, lm_config_from_hf
 
 __all__ = ["BLIP2", "BLIP2Config", "BLIP2Output", "QFormer", "QFormerLayer", "qformer_mask", "itc_similarity",
            "sample_hard_negatives", "MASK_MODES"]
@@ -682,7 +682,7 @@ class BLIP2(nn.Module):
             raise ValueError("the vision tower must have q/v biases (qkv_bias=True), as EVA / BLIP-2")
         lm_cfg = None
         if stage == 2:
-            lm_cfg = _lm_config_from_hf(hc.text_config)
+            lm_cfg = lm_config_from_hf(hc.text_config)
         config = BLIP2Config(
             stage=stage, image_size=v.image_size, patch_size=v.patch_size, vision_width=v.hidden_size,
             vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads, vision_mlp_dim=v.intermediate_size,
@@ -780,22 +780,6 @@ class BLIP2(nn.Module):
 def attention_mask_text(text_mask: Tensor) -> Tensor:
     """Key-padding mask of a text-only pass as ``(b, n, n)`` (True = may attend)."""
     return qformer_mask("itc", 0, text_mask)
-
-
-def _lm_config_from_hf(tc: Any) -> CausalLMConfig:
-    kind = getattr(tc, "model_type", "")
-    if kind == "opt":
-        if tc.word_embed_proj_dim != tc.hidden_size or not tc.do_layer_norm_before:
-            raise ValueError("only OPT configs with word_embed_proj_dim == hidden_size and pre-LN are supported")
-        return CausalLMConfig(arch="opt", vocab_size=tc.vocab_size, width=tc.hidden_size, layers=tc.num_hidden_layers,
-                              heads=tc.num_attention_heads, mlp_dim=tc.ffn_dim, max_positions=tc.max_position_embeddings,
-                              pad_token_id=tc.pad_token_id, bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id)
-    if kind == "llama":
-        return CausalLMConfig(arch="llama", vocab_size=tc.vocab_size, width=tc.hidden_size,
-                              layers=tc.num_hidden_layers, heads=tc.num_attention_heads, mlp_dim=tc.intermediate_size,
-                              max_positions=tc.max_position_embeddings, pad_token_id=tc.pad_token_id or 0,
-                              bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id)
-    raise ValueError(f"unsupported language model type {kind!r} (the lab's BLIP-2 loads OPT and Llama decoders)")
 
 
 def _require(batch: dict[str, Any], *keys: str) -> None:

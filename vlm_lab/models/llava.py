@@ -514,9 +514,9 @@ class LLaVA(nn.Module):
             raise ValueError(f"only one vision_feature_layer is supported, got {layer!r}")
         if not getattr(hc, "multimodal_projector_bias", True):
             raise ValueError("only projectors with biases are supported (multimodal_projector_bias=True)")
-        from .blip2 import _lm_config_from_hf
+        from .lm import lm_config_from_hf
 
-        lm = _lm_config_from_hf(tc)
+        lm = lm_config_from_hf(tc)
         config = LLaVAConfig(
             image_size=v.image_size, patch_size=v.patch_size, vision_width=v.hidden_size,
             vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads, vision_mlp_dim=v.intermediate_size,

@@ -128,6 +128,24 @@ class CausalLMConfig:
                            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=True)
 
 
+def lm_config_from_hf(tc: Any) -> CausalLMConfig:
+    """The lab's ``CausalLMConfig`` for a transformers OPT or Llama text config (used by BLIP-2's and LLaVA's
+    ``from_hf``)."""
+    kind = getattr(tc, "model_type", "")
+    if kind == "opt":
+        if tc.word_embed_proj_dim != tc.hidden_size or not tc.do_layer_norm_before:
+            raise ValueError("only OPT configs with word_embed_proj_dim == hidden_size and pre-LN are supported")
+        return CausalLMConfig(arch="opt", vocab_size=tc.vocab_size, width=tc.hidden_size, layers=tc.num_hidden_layers,
+                              heads=tc.num_attention_heads, mlp_dim=tc.ffn_dim, max_positions=tc.max_position_embeddings,
+                              pad_token_id=tc.pad_token_id, bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id)
+    if kind == "llama":
+        return CausalLMConfig(arch="llama", vocab_size=tc.vocab_size, width=tc.hidden_size,
+                              layers=tc.num_hidden_layers, heads=tc.num_attention_heads, mlp_dim=tc.intermediate_size,
+                              max_positions=tc.max_position_embeddings, pad_token_id=tc.pad_token_id or 0,
+                              bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id)
+    raise ValueError(f"unsupported language model type {kind!r} (the lab loads OPT and Llama decoders)")
+
+
 def build_causal_lm(config: CausalLMConfig) -> nn.Module:
     """A randomly initialised transformers causal LM (``OPTForCausalLM`` or ``LlamaForCausalLM``)."""
     if not isinstance(config, CausalLMConfig):
