@@ -17,7 +17,9 @@ evaluation set its make script uses (same seeds, sizes and tokenizer):
 - fusion / connector VQA models: accuracy per question type (``assets/make_chapter01.py``'s 1,000 questions);
 - ``dual_encoder``  R@1 and relational foil accuracy (``make_chapter01.dual_metrics`` on its 500 scenes);
 - ``llava``         closed accuracy / open recall on 40 held-out slides (``assets/make_llava_toy.py``'s evaluate);
-- ``vilt``          held-out ITM and masked colour-word accuracy (``assets/make_vilt_toy.py``'s evaluate).
+- ``vilt``          held-out ITM and masked colour-word accuracy (``assets/make_vilt_toy.py``'s evaluate);
+- ``vlmo``          held-out ITM accuracy and gallery R@1 of the dual / fusion encoders (``assets/make_vlmo_toy.py``'s
+                    evaluate).
 """
 
 from __future__ import annotations
@@ -215,6 +217,12 @@ def measure(asset: Asset) -> dict[str, float]:
         tok = shapes_tokenizer()
         collate = ImageTextCollator(tok, max_length=model.config.max_text_len)
         return _script("make_vilt_toy").evaluate(model, tok, collate)
+    if kind == "vlmo":
+        from vlm_lab.data.collate import ImageTextCollator
+        from vlm_lab.data.tokenizers import shapes_tokenizer
+
+        return _script("make_vlmo_toy").evaluate(model, ImageTextCollator(shapes_tokenizer(),
+                                                                          max_length=model.config.max_text_len))
     if kind == "dual_encoder":
         mk, batch, foils = _caption_eval()
         return mk.dual_metrics(model, batch, foils)
