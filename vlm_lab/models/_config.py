@@ -1,4 +1,5 @@
-"""Shared helper for the model configs: rebuild a config dataclass from the dict stored in a checkpoint."""
+"""Shared helpers of the model files: rebuild a config dataclass from the dict stored in a checkpoint, and check
+that a batch dict has the keys a forward pass needs."""
 
 from __future__ import annotations
 
@@ -14,3 +15,12 @@ def config_from_dict(cls: type[T], d: dict[str, Any]) -> T:
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
     return cls(**d)
+
+
+def require_keys(batch: Any, *keys: str) -> None:
+    """Raise a clear error unless ``batch`` is a dict holding every one of ``keys``."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")

@@ -60,7 +60,7 @@ from ..losses.momentum import (FeatureQueue, alpha_at, copy_params, distillation
                                momentum_update)
 from ..nn import ViT, ViTConfig, check_pixel_values
 from .bert import BertLMHead, BertTextEncoder, bert_init
-from ._config import config_from_dict
+from ._config import config_from_dict, require_keys
 
 __all__ = ["ALBEF", "ALBEFConfig", "ALBEFOutput", "rerank", "caption_groups", "itm_negatives"]
 
@@ -404,7 +404,7 @@ class ALBEF(nn.Module):
                 generator: torch.Generator | None = None) -> ALBEFOutput:
         """``batch``: ``pixel_values`` ``(b, 3, H, W)``, ``input_ids`` / ``attention_mask`` ``(b, n)`` ([CLS] ...
         [SEP], right-padded), optional ``image_ids`` ``(b,)``."""
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         c = self.config
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")
@@ -496,11 +496,3 @@ def _groups(input_ids: Tensor, mask: Tensor, ids: Tensor | None) -> Tensor:
     if ids is not None:
         return ids.long()
     return caption_groups(input_ids, mask)
-
-
-def _require(batch: dict[str, Any], *keys: str) -> None:
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")

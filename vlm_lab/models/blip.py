@@ -62,10 +62,10 @@ from ..losses.captioning import build_lm_labels, lm_loss
 from ..losses.momentum import (FeatureQueue, alpha_at, copy_params, distillation_targets, momentum_itc_loss,
                                momentum_update)
 from ..nn import ViT, ViTConfig, check_pixel_values, check_token_ids
-from .albef import _require, caption_groups, itm_negatives, rerank
+from .albef import caption_groups, itm_negatives, rerank
 from .bert import BertLMHead, BertTextEncoder, bert_init
 from .decoding import generate as _generate
-from ._config import config_from_dict
+from ._config import config_from_dict, require_keys
 
 __all__ = ["BLIP", "BLIPConfig", "BLIPOutput", "SHARED_DECODER_PARTS"]
 
@@ -334,7 +334,7 @@ class BLIP(nn.Module):
         """``batch``: ``pixel_values``, ``input_ids`` ([CLS] caption [SEP], right-padded), ``attention_mask``,
         optional ``prompt_lengths`` (int or ``(b,)``: leading tokens, [CLS] included, not learned by the LM) and
         ``image_ids`` ``(b,)``."""
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         c = self.config
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from ..interop import load_converted, rename_keys, split_qkv
 from ..losses.captioning import build_lm_labels, lm_loss
 from ..nn import MLP, Attention, ViT, ViTConfig, check_pixel_values, check_token_ids
-from ._config import config_from_dict
+from ._config import config_from_dict, require_keys
 from .lm import CausalLMConfig, build_causal_lm, freeze, lm_config_from_hf
 
 __all__ = ["BLIP2", "BLIP2Config", "BLIP2Output", "QFormer", "QFormerLayer", "qformer_mask", "itc_similarity",
@@ -537,7 +537,7 @@ class BLIP2(nn.Module):
         """Stage 1: ``pixel_values``, Q-Former ``input_ids`` ([CLS] ... [SEP], WordPiece), ``attention_mask``.
         Stage 2: ``pixel_values``, LLM ``input_ids`` (<s> ... </s>, the LLM's tokenizer), ``attention_mask``,
         optional ``prompt_lengths`` (int or ``(b,)``: leading text tokens that are not learned)."""
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         if batch["pixel_values"].shape[0] != batch["input_ids"].shape[0]:
             raise ValueError(f"the batch has {batch['pixel_values'].shape[0]} images but "
                              f"{batch['input_ids'].shape[0]} captions; BLIP-2 needs one caption per image")
@@ -780,11 +780,3 @@ class BLIP2(nn.Module):
 def attention_mask_text(text_mask: Tensor) -> Tensor:
     """Key-padding mask of a text-only pass as ``(b, n, n)`` (True = may attend)."""
     return qformer_mask("itc", 0, text_mask)
-
-
-def _require(batch: dict[str, Any], *keys: str) -> None:
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")

@@ -39,7 +39,7 @@ from ..interop import load_converted, rename_keys
 from ..losses import clip_loss
 from ..nn import Encoder, TimmBackbone, TokenEmbedding, ViT, ViTConfig, check_token_ids, eot_pool
 from ..nn.embed import check_attention_mask
-from ._config import config_from_dict
+from ._config import config_from_dict, require_keys
 
 
 @dataclass
@@ -207,7 +207,7 @@ class CLIP(nn.Module):
     # --- training -------------------------------------------------------------------------------------------
     def contrastive_features(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Per-sample features for exact contrastive gradient accumulation (see ``vlm_lab.train``)."""
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         image_embeds = self.encode_image(batch["pixel_values"])
         text_embeds = self.encode_text(batch["input_ids"], batch.get("attention_mask"))
         if image_embeds.shape[0] != text_embeds.shape[0]:
@@ -283,11 +283,3 @@ class CLIP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"config={asdict(self.config)}"
-
-
-def _require(batch: dict[str, Any], *keys: str) -> None:
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")

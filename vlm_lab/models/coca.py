@@ -65,7 +65,7 @@ from ..losses import clip_loss
 from ..losses.captioning import IGNORE_INDEX
 from ..nn import AttentionPooler, Encoder, ViT, ViTConfig, check_token_ids
 from ..nn.embed import check_attention_mask
-from ._config import config_from_dict
+from ._config import config_from_dict, require_keys
 
 _POOLER_MODES = ("parallel", "single")
 
@@ -314,7 +314,7 @@ class CoCa(nn.Module):
 
     # --- training --------------------------------------------------------------------------------------------
     def _parts(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         pooled, caption_tokens = self.image_features(batch["pixel_values"])
         text_tokens, cls = self.text(input_ids, attention_mask)
@@ -402,11 +402,3 @@ class CoCa(nn.Module):
 
     def extra_repr(self) -> str:
         return f"config={asdict(self.config)}"
-
-
-def _require(batch: dict[str, Any], *keys: str) -> None:
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..losses import build_lm_labels, clip_loss, lm_loss
 from ..nn import (Adapter, Encoder, LinearProjector, MLPProjector, ModalityTypeEmbedding, PatchEmbed, TokenEmbedding,
                   ViT, ViTConfig)
-from ._config import config_from_dict
+from ._config import config_from_dict, require_keys
 
 __all__ = ["FusionConfig", "FusionOutput", "EarlyFusion", "IntermediateFusion", "LateFusion", "ConnectorConfig",
            "ConnectorVQA", "DualEncoderConfig", "DualEncoder", "DualEncoderOutput"]
@@ -117,12 +117,6 @@ class FusionOutput:
 # ---------------------------------------------------------------------------------------------------------------
 # shared parts
 # ---------------------------------------------------------------------------------------------------------------
-def _require(batch: Any, *keys: str) -> None:
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
 
 
 def _mask(batch: dict[str, Any]) -> Tensor:
@@ -240,7 +234,7 @@ class EarlyFusion(nn.Module):
         return self.encoder(x, key_padding_mask=mask)  # (b, n + p, d)
 
     def forward(self, batch: dict[str, Any]) -> FusionOutput:
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         pooled = self.fuse(batch)[:, 0]  # [CLS]: (b, d)
         logits = self.head(pooled)
         return FusionOutput(_answer_loss(logits, batch, self.config.num_answers), logits, pooled)
@@ -271,7 +265,7 @@ class IntermediateFusion(nn.Module):
         return self.fusion(words, image, key_padding_mask=mask)  # (b, n, d)
 
     def forward(self, batch: dict[str, Any]) -> FusionOutput:
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         pooled = self.fuse(batch)[:, 0]  # (b, d)
         logits = self.head(pooled)
         return FusionOutput(_answer_loss(logits, batch, self.config.num_answers), logits, pooled)
@@ -309,7 +303,7 @@ class LateFusion(nn.Module):
         return torch.cat([v, u], dim=-1)  # (b, 2d)
 
     def forward(self, batch: dict[str, Any]) -> FusionOutput:
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         pooled = self.fuse(batch)
         logits = self.head(pooled)
         return FusionOutput(_answer_loss(logits, batch, self.config.num_answers), logits, pooled)
@@ -403,7 +397,7 @@ class ConnectorVQA(nn.Module):
         return self.connector(tokens)
 
     def forward(self, batch: dict[str, Any]) -> FusionOutput:
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         words = self.type_embed(self.text_embed(batch["input_ids"]), 0)  # (b, n, d_t)
         visual = self.type_embed(self.encode_image(batch["pixel_values"]), 1)  # (b, 1 + p, d_t)
         if words.shape[0] != visual.shape[0]:
@@ -550,7 +544,7 @@ class DualEncoder(nn.Module):
         return self._itm_logits(th, mask, ih).softmax(-1)[:, 1]
 
     def forward(self, batch: dict[str, Any]) -> DualEncoderOutput:
-        _require(batch, "pixel_values", "input_ids")
+        require_keys(batch, "pixel_values", "input_ids")
         mask = _mask(batch)
         img, ih = self.encode_image(batch["pixel_values"], tokens=True)
         txt, th = self.encode_text(batch["input_ids"], mask, tokens=True)
