@@ -90,6 +90,17 @@ def assets_dir() -> Path:
 # ------------------------------------------------------------------------------------------------------- models
 
 
+def _load_toy(folder: str, script: str, what: str) -> nn.Module:
+    """The shipped toy checkpoint ``assets/<folder>/model.safetensors``, in eval mode."""
+    from vlm_lab.train.checkpoint import load_model
+
+    path = assets_dir() / folder / "model.safetensors"
+    if not path.is_file():
+        raise DemoError(f"the {what} toy checkpoint {path} is missing; regenerate it with "
+                        f"`.venv/bin/python assets/{script} assets/{folder}` or pass model=... to show()")
+    return load_model(path).eval()
+
+
 @dataclass
 class DemoModels:
     """The models behind the tabs, loaded lazily on first use (or given by the caller)."""
@@ -107,13 +118,7 @@ class DemoModels:
     def get_clip(self) -> tuple[nn.Module, Any]:
         with self._lock:
             if self.clip is None:
-                from vlm_lab.train.checkpoint import load_model
-
-                path = assets_dir() / "clip-toy" / "model.safetensors"
-                if not path.is_file():
-                    raise DemoError(f"the CLIP toy checkpoint {path} is missing; regenerate it with "
-                                    "`.venv/bin/python assets/make_clip_toy.py` or pass model=... to show()")
-                self.clip = load_model(path).eval()
+                self.clip = _load_toy("clip-toy", "make_clip_toy.py", "CLIP")
             if self.clip_tokenizer is None:
                 from vlm_lab.data.tokenizers import shapes_tokenizer
 
@@ -123,13 +128,7 @@ class DemoModels:
     def get_coca(self) -> tuple[nn.Module, Any]:
         with self._lock:
             if self.coca is None:
-                from vlm_lab.train.checkpoint import load_model
-
-                path = assets_dir() / "coca-toy" / "model.safetensors"
-                if not path.is_file():
-                    raise DemoError(f"the CoCa toy checkpoint {path} is missing; regenerate it with "
-                                    "`.venv/bin/python assets/make_coca_toy.py`")
-                self.coca = load_model(path).eval()
+                self.coca = _load_toy("coca-toy", "make_coca_toy.py", "CoCa")
             if self.coca_tokenizer is None:
                 from vlm_lab.train.conch import pathology_tokenizer
 
