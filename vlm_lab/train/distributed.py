@@ -163,6 +163,10 @@ def _spawn_entry(proc: int, fn: Callable[..., Any], nprocs: int, port: int, back
                             timeout=datetime.timedelta(seconds=120))
     try:
         fn(proc, *args)
+        # every rank leaves together: a rank that tears its gloo connections down while another is still inside
+        # a collective (or flushing DDP's last bucket) makes the other abort ("terminate called without an
+        # active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
