@@ -111,6 +111,8 @@ def session(backend: str | None = None) -> Iterator[None]:
     created = setup(backend)
     try:
         yield
+        if created:
+            dist.barrier()  # leave together (see _spawn_entry)
     finally:
         if created:
             cleanup()
