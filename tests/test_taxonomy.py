@@ -89,3 +89,60 @@ def test_unknown_models_and_rules():
     assert s.params["visual_embedding"] == 16 and s.params["textual_embedding"] == 16
     assert s.flops == {"visual_embedding": 2 * 2 * 3 * 4, "textual_embedding": 2 * 2 * 3 * 4,
                        "modality_interaction": 2 * 2 * 2 * 4, "head": 0}
+
+
+def test_a_custom_forward_still_splits_by_module():
+    # regression: a forward that calls a method (not model(...)) used to land every FLOP in the default category
+    c = CLIPConfig.toy(vision_layers=1, text_layers=1, vocab_size=50, context_length=8, embed_dim=16)
+    model = CLIP(c)
+    x = {"pixel_values": torch.randn(3, 3, 32, 32), "input_ids": torch.randint(0, 50, (3, 6))}
+    s = taxonomy_split(model, x, forward=lambda m, bb: m.encode_image(bb["pixel_values"]))
+    with torch.no_grad():
+        assert s.flops["visual_embedding"] == count_flops(lambda: model.encode_image(x["pixel_values"])) > 0
+    assert s.flops["textual_embedding"] == 0 and s.flops["modality_interaction"] == 0
+    assert "forward" not in model.__dict__  # the class's forward is back
+
+
+LATER = ["vilt", "albef", "vlmo", "blip", "blip2", "coca", "llava"]
+
+
+def _pair_batch(model) -> dict:
+    c = model.config
+    vocab = getattr(c, "vocab_size", None) or c.lm.vocab_size
+    ids = torch.randint(5, min(vocab, 100), (1, 10))
+    if type(model).__name__ == "LLaVA":
+        ids[0, 0] = c.image_token_id
+    return {"pixel_values": torch.randn(1, 3, 32, 32), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("name", LATER)
+def test_every_later_chapter_model_has_rules_and_a_pair_pass(name):
+    from vlm_lab.inspect.taxonomy import pair_forward
+    from vlm_lab.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, "toy")
+    s = taxonomy_split(model, _pair_batch(model), forward=pair_forward)
+    trained_copies = sum(q.numel() for k, q in model.named_parameters() if k.split(".")[0].endswith("_m"))
+    assert s.total_params == sum(q.numel() for q in model.parameters()) - trained_copies
+    assert trained_copies == 0 or name in ("albef", "blip")
+    assert s.flops["visual_embedding"] > 0 and s.flops["modality_interaction"] > 0  # an image tower and an interaction
+    share = s.share("flops")
+    if name in ("vilt", "vlmo"):  # single-stream fusion: interaction dominates (ViLT's point)
+        assert share["modality_interaction"] > 0.6
+    if name in ("albef", "coca"):  # two towers before the fusion layers: text has FLOPs of its own
+        assert share["textual_embedding"] > 0.1
+
+
+def test_albef_fusion_layers_are_interaction_and_text_layers_are_text():
+    from vlm_lab.models.albef import ALBEF, ALBEFConfig
+
+    model = ALBEF(ALBEFConfig.toy(text_layers=2, fusion_layers=1))
+    s = taxonomy_split(model)
+    layer = [sum(q.numel() for q in model.text.layers[i].parameters()) for i in range(3)]
+    emb, proj = (sum(q.numel() for q in mod.parameters()) for mod in (model.text.embeddings, model.text_proj))
+    assert s.params["textual_embedding"] == emb + layer[0] + layer[1] + proj
+    assert s.params["modality_interaction"] == layer[2] + 1  # the fusion layer + the temperature
+    register_taxonomy_rules("Mystery2", [(r"^x", "skip")])  # "skip" is a valid category for training-only parts
+    with pytest.raises(ValueError, match="skip"):
+        register_taxonomy_rules("Mystery2", [(r"^x", "nothing")])

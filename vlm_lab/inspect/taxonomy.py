@@ -35,7 +35,32 @@ LateFusion          vision                                text                  
                                                                                           (head.mlp.linear_2)
 ConnectorVQA        image_encoder, connector              text_embed                      type_embed, text (head)
 DualEncoder         vision, image_proj                    text, text_proj                 fusion, logit_scale, sim. (itm_head)
+ViLT                patch_proj, position_embeddings,      text_embed                      modality, encoder, pooler
+                    cls_token                                                             (itm_head, mlm_head)
+ALBEF               visual, vision_proj                   text.embeddings, text layers    text layers with cross-attention, temp
+                                                          without cross-attention,        (itm_head, mlm_head)
+                                                          text_proj
+VLMo                patch_embed, image_position,          word_embeddings, text_position, blocks' attention / norm1 / mlp_vl /
+                    cls_token, mask_token, blocks'        text_norm, blocks' mlp_text /   norm2_vl, modality, norm, pooler,
+                    mlp_image / norm2_image, itc_image_   norm2_text, itc_text_proj       logit_scale (itm / mlm / mim heads)
+                    proj
+BLIP                visual, vision_proj                   text_encoder.embeddings,        text_encoder.layers (they cross-attend
+                                                          text_proj                       in the ITM pass), text_decoder, temp
+                                                                                          (itm_head, lm_head)
+BLIP2               visual, vision_proj, language_        word_embeddings, position_      query_tokens, qformer, language_model,
+                    projection                            embeddings, text_proj           temp (itm_head, itg_head)
+CoCa                visual, pool_*, ln_*, proj_contrast   text, text_projection           decoder, logit_scale (decoder.lm_head)
+LLaVA               vision_tower, projector               the LM's embed_tokens /         the rest of language_model
+                                                          embed_positions                 (language_model.lm_head)
 ==================  ====================================  ==============================  ======================================
+
+ALBEF's and BLIP's momentum copies (``*_m``) exist only for training and are left out of every count. A layer that
+cross-attends to the image counts as interaction as a whole (ViLT's figure draws the fusion layers of a two-stream
+model the same way), so BLIP, whose text encoder cross-attends in every layer of its ITM pass, is interaction-heavy
+there. :func:`pair_forward` runs the pass that scores one image-text pair for every class above (the fusion models'
+answer, CLIP's and the contrastive dual encoder's similarity, ITM for the matching dual encoders, ViLT, ALBEF,
+VLMo (fusion mode), BLIP and BLIP-2, the caption scores for CoCa, the language model over ``[<image> tokens; words]``
+for LLaVA), so that the chart compares like with like.
 """
 
 from __future__ import annotations
@@ -49,11 +74,24 @@ from torch import nn
 
 from .trace import cpu_attention_flop_mapping
 
-__all__ = ["CATEGORIES", "TaxonomySplit", "taxonomy_split", "register_taxonomy_rules", "taxonomy_rules"]
+__all__ = ["CATEGORIES", "TaxonomySplit", "taxonomy_split", "register_taxonomy_rules", "taxonomy_rules", "pair_forward"]
 
 VE, TE, MI, HEAD = "visual_embedding", "textual_embedding", "modality_interaction", "head"
 CATEGORIES: tuple[str, ...] = (VE, TE, MI, HEAD)
+SKIP = "skip"  # training-only parts (momentum encoders): in no category, counted nowhere
 Rules = list[tuple[str, str]]
+_MOMENTUM = (r"_m(\.|$)", SKIP)  # ALBEF / BLIP momentum copies: visual_m, text_m, text_encoder_m, ...
+
+
+def _cross_attending_layers(stack: nn.Module) -> list[int]:
+    """Indices of the layers of ``stack.layers`` that have a cross-attention block."""
+    return [i for i, layer in enumerate(stack.layers) if getattr(layer, "cross_attn", None) is not None]
+
+
+def _albef_rules(model: nn.Module) -> tuple[Rules, str]:
+    fusion = "|".join(str(i) for i in _cross_attending_layers(model.text)) or "x"
+    return ([_MOMENTUM, (r"^visual(\.|$)", VE), (r"^vision_proj(\.|$)", VE), (rf"^text\.layers\.({fusion})(\.|$)", MI),
+             (r"^text(\.|$)", TE), (r"^text_proj(\.|$)", TE), (r"^temp$", MI), (r"^(itm|mlm)_head(\.|$)", HEAD)], MI)
 
 _RULES: dict[str, tuple[Rules, str]] = {
     "CLIP": ([(r"^visual(\.|$)", VE), (r"^visual_projection(\.|$)", VE), (r"^text(\.|$)", TE),
@@ -69,16 +107,38 @@ _RULES: dict[str, tuple[Rules, str]] = {
     "DualEncoder": ([(r"^vision(\.|$)", VE), (r"^image_proj(\.|$)", VE), (r"^text(\.|$)", TE),
                      (r"^text_proj(\.|$)", TE), (r"^fusion(\.|$)", MI), (r"^logit_scale$", MI),
                      (r"^itm_head(\.|$)", HEAD)], MI),
+    "ViLT": ([(r"^patch_proj(\.|$)", VE), (r"^position_embeddings$", VE), (r"^cls_token$", VE),
+              (r"^text_embed(\.|$)", TE), (r"^(modality|encoder|pooler)(\.|$)", MI),
+              (r"^(itm|mlm)_head(\.|$)", HEAD)], MI),
+    "ALBEF": _albef_rules,
+    "VLMo": ([(r"^(patch_embed|image_position|cls_token|mask_token|itc_image_proj)(\.|$)", VE),
+              (r"^blocks\.\d+\.(mlp_image|norm2_image)(\.|$)", VE),
+              (r"^(word_embeddings|text_position|text_norm|itc_text_proj)(\.|$)", TE),
+              (r"^blocks\.\d+\.(mlp_text|norm2_text)(\.|$)", TE),
+              (r"^(blocks|modality|norm|pooler|logit_scale)(\.|$)", MI), (r"^(itm|mlm|mim)_head(\.|$)", HEAD)], MI),
+    "BLIP": ([_MOMENTUM, (r"^visual(\.|$)", VE), (r"^vision_proj(\.|$)", VE), (r"^text_encoder\.embeddings(\.|$)", TE),
+              (r"^text_encoder\.layers(\.|$)", MI), (r"^text_proj(\.|$)", TE), (r"^text_decoder(\.|$)", MI),
+              (r"^temp$", MI), (r"^(itm|lm)_head(\.|$)", HEAD)], MI),
+    "BLIP2": ([(r"^(visual|vision_proj|language_projection)(\.|$)", VE),
+               (r"^(word_embeddings|position_embeddings|text_proj)(\.|$)", TE),
+               (r"^(query_tokens|qformer|temp)(\.|$)", MI), (r"^language_model\.lm_head(\.|$)", HEAD),
+               (r"^language_model(\.|$)", MI), (r"^(itm|itg)_head(\.|$)", HEAD)], MI),
+    "CoCa": ([(r"^(visual|pool_contrast|ln_contrast|pool_caption|ln_caption|proj_contrast)(\.|$)", VE),
+              (r"^(text|text_projection)(\.|$)", TE), (r"^decoder\.lm_head(\.|$)", HEAD),
+              (r"^(decoder|logit_scale)(\.|$)", MI)], MI),
+    "LLaVA": ([(r"^(vision_tower|projector)(\.|$)", VE), (r"^language_model\..*embed_(tokens|positions)(\.|$)", TE),
+               (r"^language_model\.lm_head(\.|$)", HEAD), (r"^language_model(\.|$)", MI)], MI),
 }
 
 
 def register_taxonomy_rules(class_name: str, rules: Rules, default: str = MI) -> None:
-    """Add or replace the rules of a model class (by class name). ``rules``: ``[(regex, category), ...]``."""
+    """Add or replace the rules of a model class (by class name). ``rules``: ``[(regex, category), ...]``; the
+    category ``"skip"`` leaves matching parameters and modules out of every count (training-only parts)."""
     if not isinstance(class_name, str) or not class_name:
         raise TypeError(f"class_name: expected a non-empty str, got {class_name!r}")
     for pattern, cat in list(rules) + [("", default)]:
-        if cat not in CATEGORIES:
-            raise ValueError(f"rules: category must be one of {list(CATEGORIES)}, got {cat!r}")
+        if cat not in CATEGORIES + (SKIP,):
+            raise ValueError(f"rules: category must be one of {list(CATEGORIES) + [SKIP]}, got {cat!r}")
         re.compile(pattern)
     _RULES[class_name] = (list(rules), default)
 
@@ -93,7 +153,8 @@ def taxonomy_rules(model: nn.Module) -> tuple[Rules, str]:
         raise ValueError(f"model: no taxonomy rules for {name}; known classes: {sorted(_RULES)}. Add them with "
                          "vlm_lab.inspect.taxonomy.register_taxonomy_rules(name, [(regex, category), ...]) or a "
                          "class attribute taxonomy_rules = (rules, default)")
-    return _RULES[name]
+    rules = _RULES[name]
+    return rules(model) if callable(rules) else rules
 
 
 def _category(name: str, rules: Rules) -> str | None:
@@ -156,6 +217,8 @@ def taxonomy_split(model: nn.Module, batch: Any = None, *, forward: Callable[[nn
     assigned: dict[str, str] = {}
     for name, p in model.named_parameters():
         cat = _category(name, rules) or default
+        if cat == SKIP:
+            continue
         params[cat] += p.numel()
         top = name.split(".")[0]
         assigned.setdefault(top if _category(top, rules) else name, cat)
@@ -168,9 +231,18 @@ def taxonomy_split(model: nn.Module, batch: Any = None, *, forward: Callable[[nn
         was_training = model.training
         model.eval()
         try:
+            if forward is not None:
+                # run the custom pass *through* model.__call__ so the counter enters the root module first and names
+                # its children "Root.child" (entered directly, they would be named by class and land in "Global")
+                def entered(*_):
+                    del model.forward  # a `forward` that calls model(...) itself gets the class's forward
+                    return forward(model, batch)
+
+                model.forward = entered  # instance attribute: shadows the class's forward for this one call
             with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_mapping()) as counter:
-                forward(model, batch) if forward is not None else model(batch)
+                model(batch)
         finally:
+            model.__dict__.pop("forward", None)
             model.train(was_training)
         counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
         root = type(model).__name__
@@ -186,8 +258,45 @@ def taxonomy_split(model: nn.Module, batch: Any = None, *, forward: Callable[[nn
                     break
             child_sum[parent] = child_sum.get(parent, 0) + v
         for name, v in names.items():
-            flops[_category(name, rules) or default] += v - child_sum.get(name, 0)
+            cat = _category(name, rules) or default
+            if cat != SKIP:
+                flops[cat] += v - child_sum.get(name, 0)
         flops[default] += max(counts.get("Global", 0) - child_sum.get("", 0), 0)  # the model's own forward
         pv = batch.get("pixel_values") if isinstance(batch, dict) else None
         bsz = int(pv.shape[0]) if isinstance(pv, torch.Tensor) else 0
     return TaxonomySplit(type(model).__name__, params, flops, bsz, assigned)
+
+
+def pair_forward(model: nn.Module, batch: dict[str, Any]) -> Any:
+    """Score one batch of image-text pairs the way ``model`` does at inference, for :func:`taxonomy_split`.
+
+    ``batch`` holds ``pixel_values`` ``(b, 3, h, w)``, ``input_ids`` ``(b, n)`` (ids of the model's own vocabulary;
+    LLaVA's must contain its ``<image>`` placeholder once per row) and optionally ``attention_mask`` ``(b, n)``. The
+    pass is the one the module docstring names per class; momentum encoders and training losses are not run.
+    """
+    if not isinstance(batch, dict) or "pixel_values" not in batch or "input_ids" not in batch:
+        raise ValueError("batch: expected a dict with 'pixel_values' and 'input_ids'")
+    pv, ids, mask = batch["pixel_values"], batch["input_ids"], batch.get("attention_mask")
+    name = type(model).__name__
+    if name in ("EarlyFusion", "IntermediateFusion", "LateFusion", "ConnectorVQA"):
+        return model({"pixel_values": pv, "input_ids": ids, "attention_mask": mask})
+    if name == "DualEncoder" and model.config.matching:
+        return model.match_score(pv, ids, mask)
+    if name in ("CLIP", "DualEncoder"):
+        return model.encode_image(pv) @ model.encode_text(ids, mask).T  # (b, b)
+    if name == "CoCa":
+        return model.caption_logits(pv, ids)  # image tower + unimodal text layers + multimodal decoder
+    if name in ("ViLT", "VLMo"):
+        return model.itm_scores(ids, pv, mask)  # VLMo: its fusion-encoder mode
+    if name == "ALBEF":
+        fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(pv))  # (b, n, d)
+        return model.itm_head(fused[:, 0])
+    if name == "BLIP":
+        return model.itm_probability(pv, ids, mask)
+    if name == "BLIP2":
+        if model.config.stage == 1:
+            return model.itm_scores(pv, ids, mask)
+        return model(batch)
+    if name == "LLaVA":
+        return model({"pixel_values": pv, "input_ids": ids, "attention_mask": mask})
+    raise ValueError(f"model: pair_forward knows no inference pass for {name}; pass forward= to taxonomy_split")
