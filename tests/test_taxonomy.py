@@ -134,6 +134,20 @@ def test_every_later_chapter_model_has_rules_and_a_pair_pass(name):
         assert share["textual_embedding"] > 0.1
 
 
+def test_blip2_stage2_pair_pass_and_grad_flags_restored():
+    from vlm_lab.inspect.taxonomy import pair_forward
+    from vlm_lab.models.blip2 import BLIP2, BLIP2Config
+
+    model = BLIP2(BLIP2Config.toy(stage=2))
+    flags = [q.requires_grad for q in model.parameters()]
+    ids = torch.randint(5, 100, (1, 10))
+    s = taxonomy_split(model, {"pixel_values": torch.randn(1, 3, 32, 32), "input_ids": ids}, forward=pair_forward)
+    assert [q.requires_grad for q in model.parameters()] == flags and not all(flags)  # frozen ViT / LLM stay frozen
+    assert s.params["textual_embedding"] == model.language_model.get_input_embeddings().weight.numel() + sum(
+        q.numel() for k, q in model.language_model.named_parameters() if "embed_positions" in k)
+    assert s.flops["visual_embedding"] > 0 and s.share()["modality_interaction"] > 0.5  # Q-Former + LLM
+
+
 def test_albef_fusion_layers_are_interaction_and_text_layers_are_text():
     from vlm_lab.models.albef import ALBEF, ALBEFConfig
 

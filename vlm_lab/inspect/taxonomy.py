@@ -47,8 +47,9 @@ VLMo                patch_embed, image_position,          word_embeddings, text_
 BLIP                visual, vision_proj                   text_encoder.embeddings,        text_encoder.layers (they cross-attend
                                                           text_proj                       in the ITM pass), text_decoder, temp
                                                                                           (itm_head, lm_head)
-BLIP2               visual, vision_proj, language_        word_embeddings, position_      query_tokens, qformer, language_model,
-                    projection                            embeddings, text_proj           temp (itm_head, itg_head)
+BLIP2               visual, vision_proj, language_        word_embeddings, position_      query_tokens, qformer, the rest of
+                    projection                            embeddings, text_proj, the      language_model, temp (itm_head,
+                                                          LLM's embed_tokens / positions  itg_head, language_model.lm_head)
 CoCa                visual, pool_*, ln_*, proj_contrast   text, text_projection           decoder, logit_scale (decoder.lm_head)
 LLaVA               vision_tower, projector               the LM's embed_tokens /         the rest of language_model
                                                           embed_positions                 (language_model.lm_head)
@@ -89,7 +90,7 @@ def _cross_attending_layers(stack: nn.Module) -> list[int]:
 
 
 def _albef_rules(model: nn.Module) -> tuple[Rules, str]:
-    fusion = "|".join(str(i) for i in _cross_attending_layers(model.text)) or "x"
+    fusion = "|".join(str(i) for i in _cross_attending_layers(model.text))  # ALBEF has >= 1 fusion layer
     return ([_MOMENTUM, (r"^visual(\.|$)", VE), (r"^vision_proj(\.|$)", VE), (rf"^text\.layers\.({fusion})(\.|$)", MI),
              (r"^text(\.|$)", TE), (r"^text_proj(\.|$)", TE), (r"^temp$", MI), (r"^(itm|mlm)_head(\.|$)", HEAD)], MI)
 
@@ -121,6 +122,7 @@ _RULES: dict[str, tuple[Rules, str]] = {
               (r"^temp$", MI), (r"^(itm|lm)_head(\.|$)", HEAD)], MI),
     "BLIP2": ([(r"^(visual|vision_proj|language_projection)(\.|$)", VE),
                (r"^(word_embeddings|position_embeddings|text_proj)(\.|$)", TE),
+               (r"^language_model\..*embed_(tokens|positions)(\.|$)", TE),
                (r"^(query_tokens|qformer|temp)(\.|$)", MI), (r"^language_model\.lm_head(\.|$)", HEAD),
                (r"^language_model(\.|$)", MI), (r"^(itm|itg)_head(\.|$)", HEAD)], MI),
     "CoCa": ([(r"^(visual|pool_contrast|ln_contrast|pool_caption|ln_caption|proj_contrast)(\.|$)", VE),
@@ -230,6 +232,11 @@ def taxonomy_split(model: nn.Module, batch: Any = None, *, forward: Callable[[nn
 
         was_training = model.training
         model.eval()
+        # parameters stop requiring grad for the count: under no_grad a view of one (BLIP-2's expanded query tokens)
+        # still says requires_grad but has no grad_fn, and the counter's module tracker fails on such inputs
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in grads:
+            p.requires_grad_(False)
         try:
             if forward is not None:
                 # run the custom pass *through* model.__call__ so the counter enters the root module first and names
@@ -244,6 +251,8 @@ def taxonomy_split(model: nn.Module, batch: Any = None, *, forward: Callable[[nn
         finally:
             model.__dict__.pop("forward", None)
             model.train(was_training)
+            for p, flag in grads:
+                p.requires_grad_(flag)
         counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
         root = type(model).__name__
         names = {k[len(root) + 1:]: v for k, v in counts.items() if k.startswith(root + ".")}
@@ -296,7 +305,11 @@ def pair_forward(model: nn.Module, batch: dict[str, Any]) -> Any:
     if name == "BLIP2":
         if model.config.stage == 1:
             return model.itm_scores(pv, ids, mask)
-        return model(batch)
+        prompt = model.visual_prompt(pv)  # (b, q, D): ViT -> Q-Former -> projection
+        text = model.language_model.get_input_embeddings()(ids)  # (b, n, D)
+        mask = torch.ones_like(ids) if mask is None else mask
+        full = torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype), mask], dim=1)  # (b, q + n)
+        return model.language_model(inputs_embeds=torch.cat([prompt, text], dim=1), attention_mask=full).logits
     if name == "LLaVA":
         return model({"pixel_values": pv, "input_ids": ids, "attention_mask": mask})
     raise ValueError(f"model: pair_forward knows no inference pass for {name}; pass forward= to taxonomy_split")
