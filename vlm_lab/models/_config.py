@@ -9,11 +9,19 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def config_from_dict(cls: type[T], d: dict[str, Any]) -> T:
-    """``cls(**d)``, refusing keys that are not fields of ``cls`` with a message that names them."""
+def config_from_dict(cls: type[T], d: dict[str, Any], nested: dict[str, Any] | None = None) -> T:
+    """``cls(**d)``, refusing keys that are not fields of ``cls`` with a message that names them.
+
+    ``nested`` maps a field to the config class of its value: a dict stored there is rebuilt with that class's
+    ``from_dict`` first (BLIP-2's and LLaVA's ``lm``).
+    """
     unknown = sorted(set(d) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    d = dict(d)
+    for name, sub in (nested or {}).items():
+        if isinstance(d.get(name), dict):
+            d[name] = sub.from_dict(d[name])
     return cls(**d)
 
 

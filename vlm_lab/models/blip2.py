@@ -181,10 +181,7 @@ class BLIP2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BLIP2Config":
-        d = dict(d)
-        if isinstance(d.get("lm"), dict):
-            d["lm"] = CausalLMConfig.from_dict(d["lm"])
-        return config_from_dict(cls, d)
+        return config_from_dict(cls, d, nested={"lm": CausalLMConfig})
 
 
 @dataclass

@@ -148,10 +148,7 @@ class LLaVAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LLaVAConfig":
-        d = dict(d)
-        if isinstance(d.get("lm"), dict):
-            d["lm"] = CausalLMConfig.from_dict(d["lm"])
-        return config_from_dict(cls, d)
+        return config_from_dict(cls, d, nested={"lm": CausalLMConfig})
 
 
 @dataclass
